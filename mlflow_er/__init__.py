@@ -1,0 +1,36 @@
+"""mlflow-er: log ML experiments to MLflow without slowing training down.
+
+>>> from mlflow_er import ExperimentTracker
+>>> tracker = ExperimentTracker("exp", backend="threaded")          # doctest: +SKIP
+>>> with tracker.run(run_name="r") as run:                           # doctest: +SKIP
+...     run.log_metric("loss", 0.1, step=3)
+"""
+
+from __future__ import annotations
+
+from .backends.base import Backend
+from .errors import (
+    BackendClosed,
+    DeliveryError,
+    ExperimentNotFound,
+    FailedRecord,
+    InvalidRecord,
+    MlflowErError,
+    QueueFull,
+    SinkError,
+    TrackingUnavailable,
+    UnknownPlugin,
+)
+from .hookspecs import SinkContext, hookimpl
+from .records import Artifact, Batch, Metric, Param, Tag
+from .run import Run
+from .sinks.base import Sink
+from .tracker import ExperimentTracker
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "Artifact", "Backend", "BackendClosed", "Batch", "DeliveryError", "ExperimentNotFound", "ExperimentTracker",
+    "FailedRecord", "InvalidRecord", "Metric", "MlflowErError", "Param", "QueueFull", "Run", "Sink", "SinkContext",
+    "SinkError", "Tag", "TrackingUnavailable", "UnknownPlugin", "hookimpl",
+]

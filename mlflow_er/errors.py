@@ -1,0 +1,104 @@
+"""Every exception mlflow-er raises, in one place.
+
+All derive from :class:`MlflowErError` so ``except mlflow_er.MlflowErError`` catches
+anything the library itself decided to raise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class MlflowErError(Exception):
+    """Root of every mlflow-er error."""
+
+
+class InvalidRecord(MlflowErError, ValueError):
+    """A log call was rejected in the caller, before anything was queued.
+
+    ``field`` names what was wrong (``"metric key"``, ``"param value"``...),
+    ``limit`` the rule it broke. Nothing logged before is affected.
+    """
+
+    def __init__(self, field: str, problem: str, limit: str | None = None):
+        self.field = field
+        self.problem = problem
+        self.limit = limit
+        msg = f"invalid {field}: {problem}"
+        if limit:
+            msg += f" (limit: {limit})"
+        super().__init__(msg)
+
+
+class QueueFull(MlflowErError):
+    """The backend's buffer stayed full past ``block_timeout`` (``on_full="block"``)."""
+
+
+class UnknownPlugin(MlflowErError, LookupError):
+    """A backend or sink name that no installed plugin provides."""
+
+    def __init__(self, kind: str, name: str, available: Sequence[str]):
+        self.kind = kind
+        self.name = name
+        self.available = sorted(available)
+        listed = ", ".join(self.available) or "none"
+        super().__init__(f"unknown {kind} {name!r}; available {kind}s: {listed}")
+
+
+class TrackingUnavailable(MlflowErError, ConnectionError):
+    """The tracking URI cannot be used: a missing local path or a server that does not answer."""
+
+
+class ExperimentNotFound(MlflowErError, LookupError):
+    """No experiment matched and creating one was not allowed (``create_new=False``)."""
+
+
+@dataclass(frozen=True)
+class FailedRecord:
+    """One record that could not be delivered, and why."""
+
+    kind: str  # "metric", "param", "tag", "artifact", "job"
+    key: str
+    reason: str
+    run_id: str | None = None
+    permanent: bool = True
+
+    def __str__(self) -> str:
+        run = f" run={self.run_id}" if self.run_id else ""
+        return f"{self.kind} {self.key!r}{run}: {self.reason}"
+
+
+class DeliveryError(MlflowErError):
+    """Raised by ``flush()``/``close()`` (or at once by the sync backend) for records not delivered.
+
+    ``failed`` lists each failed record; ``unsent`` counts records still queued when a
+    timeout ran out.
+    """
+
+    def __init__(self, failed: Sequence[FailedRecord] = (), unsent: int = 0, message: str | None = None):
+        self.failed = list(failed)
+        self.unsent = unsent
+        if message is None:
+            parts = []
+            if self.failed:
+                shown = "; ".join(str(f) for f in self.failed[:20])
+                more = f" (+{len(self.failed) - 20} more)" if len(self.failed) > 20 else ""
+                parts.append(f"{len(self.failed)} record(s) failed: {shown}{more}")
+            if unsent:
+                parts.append(f"{unsent} record(s) still unsent")
+            message = "; ".join(parts) or "delivery failed"
+        super().__init__(message)
+
+
+class SinkError(MlflowErError):
+    """A sink could not write. ``transient`` tells a backend whether retrying may help."""
+
+    def __init__(self, message: str, transient: bool = False, retry_after: float | None = None):
+        super().__init__(message)
+        self.transient = transient
+        self.retry_after = retry_after
+
+
+class BackendClosed(MlflowErError):
+    """A record was submitted to a backend that has been closed for good."""

@@ -1,0 +1,47 @@
+"""The sink contract: as small as an HTTP transport.
+
+A sink is told to write a :class:`~mlflow_er.records.Batch` (one run, within MLflow's
+``log_batch`` limits) or one :class:`~mlflow_er.records.Artifact` (a local file or folder
+already snapshotted). It raises on failure: a :class:`~mlflow_er.errors.SinkError` with
+``transient=True`` when retrying may help (the backend retries with backoff), anything
+else is taken as permanent (the backend bisects the batch to find the bad record).
+Backends call a sink from one thread at a time.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from ..records import Artifact, Batch
+
+
+class Sink:
+    """Base class for sinks. Override :meth:`write_batch` and :meth:`write_artifact`."""
+
+    #: The name users type to select the sink (the entry-point name).
+    name: str = "sink"
+
+    def write_batch(self, batch: Batch) -> None:
+        """Store every record of ``batch``; raise if any could not be stored."""
+        raise NotImplementedError
+
+    def write_artifact(self, artifact: Artifact) -> None:
+        """Store the file or folder at ``artifact.local_path`` under ``artifact.artifact_path``."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make everything written so far durable (no-op for sinks that write through)."""
+
+    def close(self) -> None:
+        """Release resources. The sink is not used after this."""
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

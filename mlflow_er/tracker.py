@@ -1,0 +1,298 @@
+"""``ExperimentTracker``: the original helper's API, on pluggable backends and sinks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import LifecycleStage
+
+from . import plugins
+from .backends.base import Backend
+from .errors import DeliveryError, MlflowErError, TrackingUnavailable
+from .hookspecs import SinkContext
+from .jobs import JobRunner
+from .run import Run
+from .sinks.base import Sink
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKEND = "sync"
+DEFAULT_SINKS = ("mlflow",)
+PROBE_TIMEOUT = 5.0
+
+
+def git_commit() -> str:
+    """The current git commit, or ``""`` outside a repository or without git (never raises)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.decode("ascii", "replace").strip() if out.returncode == 0 else ""
+
+
+def normalize_tracking_uri(uri: str | None) -> str | None:
+    """Check a tracking URI early so a typo fails in seconds, not after minutes of retries."""
+    if uri is None:
+        return None
+    uri = os.fspath(uri)
+    parts = urlsplit(uri)
+    if parts.scheme in ("", "file") or (len(parts.scheme) == 1 and os.name == "nt"):
+        path = Path(parts.path if parts.scheme == "file" else uri).expanduser()
+        if not path.exists():
+            raise TrackingUnavailable(f"tracking path {str(path)!r} does not exist")
+        return path.resolve().as_uri()
+    if parts.scheme == "sqlite":
+        db = parts.path[1:]  # sqlite:///rel.db -> "rel.db", sqlite:////abs.db -> "/abs.db"
+        if db and db != ":memory:" and not Path(db).expanduser().parent.exists():
+            raise TrackingUnavailable(f"folder of the SQLite tracking store {db!r} does not exist")
+        return uri
+    if parts.scheme in ("http", "https"):
+        probe_server(uri)
+    return uri
+
+
+def probe_server(uri: str, timeout: float = PROBE_TIMEOUT) -> None:
+    """Raise :class:`TrackingUnavailable` unless something answers HTTP at ``uri`` within ``timeout``."""
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (401/403/404 ...): the server is there
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        from .sinks.mlflow import _redact
+
+        raise TrackingUnavailable(f"tracking server {_redact(uri)} does not answer within {timeout:.0f}s: "
+                                  f"{reason}") from exc
+
+
+class ExperimentTracker:
+    """Find or create an MLflow experiment and log runs into it.
+
+    Arguments are those of the original helper — ``experiment_name``, ``experiment_id``,
+    ``tracking_uri``, ``artifact_location``, ``create_new``, ``**experiment_tags`` — plus
+    ``backend`` (a name such as ``"sync"``/``"threaded"`` or a :class:`Backend` instance;
+    ``MLFLOW_ER_BACKEND`` sets the default), ``sinks`` (names or :class:`Sink` instances;
+    ``MLFLOW_ER_SINKS`` sets the default, comma-separated), ``sink_options`` (per sink
+    name, a dict of options) and ``close_timeout`` (seconds a run's end may wait for
+    delivery).
+    """
+
+    def __init__(self, experiment_name: str | None = None, experiment_id: str | None = None,
+                 tracking_uri: str | None = None, artifact_location: str | None = None, create_new: bool = True,
+                 *, backend: str | Backend | None = None, sinks: Sequence[str | Sink] | str | None = None,
+                 sink_options: dict[str, dict[str, Any]] | None = None, close_timeout: float | None = 300.0,
+                 **experiment_tags: Any):
+        self.background_workers: dict[str, Any] = {}  # the seed exposed this attribute
+        uri = normalize_tracking_uri(tracking_uri)
+        if uri is not None:
+            mlflow.set_tracking_uri(uri)  # as the seed did: fluent calls inside a run go there too
+        self._uri = uri or mlflow.get_tracking_uri()
+        self.client = MlflowClient(self._uri)
+        self.close_timeout = close_timeout
+        pm = plugins.get_plugin_manager()
+        tags = {k: str(v) for k, v in experiment_tags.items()}
+        commit = git_commit()
+        tags.setdefault("git_commit", commit)
+        self._experiment = pm.hook.mlflow_er_resolve_experiment(
+            client=self.client, experiment_name=experiment_name, experiment_id=experiment_id,
+            artifact_location=artifact_location, create_new=create_new, tags=tags)
+        if self._experiment is None:
+            raise MlflowErError("no plugin resolved the experiment")
+        self.git_commit = (self._experiment.tags or {}).get("git_commit", commit)
+        self._backend = self._build_backend(backend)
+        self._sinks = self._build_sinks(sinks, sink_options or {})
+        self._open_runs = 0
+        self._jobs = JobRunner()
+        self._active: list[Run] = []
+        log.info("%r", self)
+
+    # -- strategies ------------------------------------------------------------------------
+    @staticmethod
+    def _build_backend(backend: str | Backend | None) -> Backend:
+        if isinstance(backend, Backend):
+            return backend
+        name = backend or os.environ.get("MLFLOW_ER_BACKEND") or DEFAULT_BACKEND
+        return plugins.make_backend(name.strip())
+
+    def _build_sinks(self, sinks: Sequence[str | Sink] | str | None, options: dict[str, dict]) -> list[Sink]:
+        if sinks is None:
+            env = os.environ.get("MLFLOW_ER_SINKS")
+            sinks = [s.strip() for s in env.split(",") if s.strip()] if env else list(DEFAULT_SINKS)
+        elif isinstance(sinks, str):
+            sinks = [s.strip() for s in sinks.split(",") if s.strip()]
+        out: list[Sink] = []
+        for s in sinks:
+            if isinstance(s, Sink):
+                out.append(s)
+            else:
+                ctx = SinkContext(self._uri, self.id, self._experiment.name, dict(options.get(s, {})))
+                out.append(plugins.make_sink(s, ctx))
+        if not out:
+            raise MlflowErError("at least one sink is needed")
+        return out
+
+    @property
+    def backend(self) -> Backend:
+        """The backend carrying this tracker's records."""
+        return self._backend
+
+    @property
+    def sinks(self) -> list[Sink]:
+        """The sinks this tracker's records land in."""
+        return list(self._sinks)
+
+    # -- the seed's properties -------------------------------------------------------------
+    def _fresh(self):
+        return self.client.get_experiment(self.id)
+
+    @property
+    def id(self) -> str:
+        """The experiment id."""
+        return self._experiment.experiment_id
+
+    @property
+    def name(self) -> str:
+        """The experiment name as the store has it now (it can be renamed in the UI)."""
+        return self._fresh().name
+
+    @property
+    def uri(self) -> str:
+        """The tracking URI."""
+        return self._uri
+
+    @property
+    def artifact_location(self) -> str:
+        """Where the experiment's artifacts are stored."""
+        return self._fresh().artifact_location
+
+    @property
+    def lifecycle_stage(self) -> str:
+        """``active`` or ``deleted``."""
+        try:
+            return self._fresh().lifecycle_stage
+        except Exception:
+            return LifecycleStage.DELETED
+
+    @property
+    def last_update_time(self) -> int | None:
+        """Last update time of the experiment (ms)."""
+        return self._fresh().last_update_time
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """The experiment's tags."""
+        return self._fresh().tags
+
+    @property
+    def creation_time(self) -> int | None:
+        """Creation time of the experiment (ms)."""
+        return self._experiment.creation_time
+
+    def __repr__(self) -> str:
+        from .sinks.mlflow import _redact
+
+        e = self._experiment
+        return (f"ExperimentTracker(name={e.name!r}, id={e.experiment_id!r}, uri={_redact(self._uri)!r}, "
+                f"artifact_location={e.artifact_location!r}, git_commit={self.git_commit!r}, "
+                f"backend={self._backend.name!r}, sinks={[s.name for s in self._sinks]!r})")
+
+    # -- runs ------------------------------------------------------------------------------
+    def get_all_runs(self):
+        """Every run of the experiment as a pandas DataFrame (``mlflow.search_runs``)."""
+        return mlflow.search_runs([self.id])
+
+    def find_run(self, run_name: str | None = None, run_id: str | None = None) -> tuple[str | None, str | None]:
+        """``(run_name, run_id)`` of a run found by name (newest first), else by id; ``(None, None)``."""
+        from .resolve import find_run_id
+
+        return find_run_id(self.client, self.id, run_name, run_id)
+
+    def background_worker(self, name: str, logger: Callable[..., Any], use_process: bool = False,
+                          *args: Any, **kwargs: Any) -> None:
+        """Run ``logger(*args, **kwargs)`` in the background, as the original helper did.
+
+        A job with the same ``name`` first waits for the previous one. ``use_process=True``
+        runs it in a fresh interpreter with the active run passed explicitly (never a
+        ``fork()`` of this process). All jobs are joined, with a bound, when the run ends;
+        failures are raised there as :class:`DeliveryError`.
+        """
+        active = self._active[-1].run_id if self._active else None
+        self._jobs.submit(name, logger, use_process, args, kwargs, self._uri, active, self.close_timeout)
+
+    @contextmanager
+    def run(self, run_name: str | None = None, run_id: str | None = None, description: str | None = None,
+            nested: bool = False, **run_tags: Any) -> Iterator[Run]:
+        """Resume a run found by name (first) or id, else start one; yield a :class:`Run`.
+
+        The run is MLflow's active run inside the block, so fluent ``mlflow.log_*`` calls
+        keep working. Leaving the block flushes, ends the run (FINISHED, or FAILED if the
+        block raised) and raises :class:`DeliveryError` for anything not delivered.
+        """
+        parent = mlflow.active_run()
+        parent_id = parent.info.run_id if (nested and parent) else None
+        tags = {k: str(v) for k, v in run_tags.items()}
+        pm = plugins.get_plugin_manager()
+        rid = pm.hook.mlflow_er_resolve_run(client=self.client, experiment_id=self.id, run_name=run_name,
+                                            run_id=run_id, description=description, parent_run_id=parent_id,
+                                            tags=tags)
+        if rid is None:
+            raise MlflowErError("no plugin resolved the run")
+        active = mlflow.start_run(run_id=rid, nested=nested, tags=tags or None, description=description)
+        params = active.data.params if active.data else {}
+        if self._open_runs == 0:
+            self._backend.open(self._sinks)
+        self._open_runs += 1
+        handle = Run(rid, self._backend, self.client, params, tracker=self)
+        self._active.append(handle)
+        status = "FINISHED"
+        block_error: BaseException | None = None
+        try:
+            yield handle
+        except KeyboardInterrupt as exc:
+            status, block_error = "KILLED", exc
+            raise
+        except BaseException as exc:
+            status, block_error = "FAILED", exc
+            raise
+        finally:
+            self._active.pop()
+            self._finish(handle, status, block_error)
+
+    def _finish(self, handle: Run, status: str, block_error: BaseException | None) -> None:
+        failures = self._jobs.join_all(self.close_timeout)
+        self._open_runs -= 1
+        problem: DeliveryError | None = None
+        try:
+            if self._open_runs == 0:
+                self._backend.close(self.close_timeout)
+            else:
+                self._backend.flush(self.close_timeout)
+        except DeliveryError as exc:
+            problem = exc
+        current = mlflow.active_run()
+        if current is not None and current.info.run_id == handle.run_id:
+            mlflow.end_run(status)
+        if failures or problem:
+            error = DeliveryError([*failures, *(problem.failed if problem else [])],
+                                  unsent=problem.unsent if problem else 0)
+            if block_error is not None:
+                # Never mask the block's own exception: attach the delivery problem to it.
+                log.error("run %s: %s", handle.run_id, error)
+                if hasattr(block_error, "add_note"):
+                    block_error.add_note(f"mlflow-er: {error}")
+                return
+            raise error from problem
