@@ -25,7 +25,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -268,7 +268,6 @@ class RecordedRequest:
     time: float  # time.monotonic() on arrival
     status: int | None = None  # status replied; None if disconnected
     forwarded: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _encode(body: Any) -> bytes:
