@@ -102,3 +102,7 @@ class SinkError(MlflowErError):
 
 class BackendClosed(MlflowErError):
     """A record was submitted to a backend that has been closed for good."""
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM so runs unwind, flush (bounded) and end as KILLED."""

@@ -17,7 +17,7 @@ from mlflow.entities import LifecycleStage
 
 from . import plugins
 from .backends.base import Backend
-from .errors import DeliveryError, MlflowErError, TrackingUnavailable
+from .errors import DeliveryError, MlflowErError, Terminated, TrackingUnavailable
 from .hookspecs import SinkContext
 from .jobs import JobRunner
 from .run import Run
@@ -262,7 +262,7 @@ class ExperimentTracker:
         block_error: BaseException | None = None
         try:
             yield handle
-        except KeyboardInterrupt as exc:
+        except (KeyboardInterrupt, Terminated) as exc:
             status, block_error = "KILLED", exc
             raise
         except BaseException as exc:
