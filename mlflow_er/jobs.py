@@ -25,18 +25,53 @@ from .errors import FailedRecord
 log = logging.getLogger(__name__)
 
 
+def _active_run_for(run_id: str | None, tracking_uri: str) -> Any:
+    """The caller's active MLflow run if it is ``run_id`` (read on the caller's thread)."""
+    if run_id is None:
+        return None
+    import mlflow
+
+    current = mlflow.active_run()
+    if current is not None and current.info.run_id == run_id:
+        return current
+    from mlflow import MlflowClient
+    from mlflow.tracking.fluent import ActiveRun
+
+    return ActiveRun(MlflowClient(tracking_uri).get_run(run_id))
+
+
+def _thread_run_stack() -> list | None:
+    # MLflow keeps the active-run stack per thread (a ThreadLocalVariable since 2.x); a
+    # job thread starts with an empty one, so fluent calls would open a stray run.
+    from mlflow.tracking import fluent
+
+    stack = getattr(fluent, "_active_run_stack", None)
+    getter = getattr(stack, "get", None)
+    runs = getter() if callable(getter) else stack
+    return runs if isinstance(runs, list) else None
+
+
 class _ThreadJob:
-    def __init__(self, name: str, fn: Callable[..., Any], args: tuple, kwargs: dict):
+    def __init__(self, name: str, fn: Callable[..., Any], args: tuple, kwargs: dict, active: Any = None):
         self.name = name
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True,
+        self.thread = threading.Thread(target=self._run, args=(fn, args, kwargs, active), daemon=True,
                                        name=f"mlflow-er-job-{name}")
 
-    def _run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    def _run(self, fn: Callable[..., Any], args: tuple, kwargs: dict, active: Any) -> None:
+        # Make the tracker's run active in this thread (without owning its lifecycle) so
+        # fluent ``mlflow.log_*`` calls in the job land in it, as they did in the seed.
+        stack = _thread_run_stack() if active is not None else None
+        pushed = stack is not None and not stack
+        if pushed:
+            stack.append(active)
         try:
             fn(*args, **kwargs)
         except BaseException as exc:  # reported at join time, never lost
             self.error = exc
+        finally:
+            if pushed and stack and stack[-1] is active:
+                stack.pop()
 
     def start(self) -> None:
         self.thread.start()
@@ -125,7 +160,7 @@ class JobRunner:
             if use_process:
                 job = _ProcessJob(name, fn, args, kwargs, tracking_uri, run_id)
             else:
-                job = _ThreadJob(name, fn, args, kwargs)
+                job = _ThreadJob(name, fn, args, kwargs, _active_run_for(run_id, tracking_uri))
                 job.start()
             self._jobs[name] = job
 
