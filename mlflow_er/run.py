@@ -90,7 +90,7 @@ class Run:
         t0 = time.perf_counter_ns()
         if step is None:
             step = 0
-        elif type(step) is not int:
+        elif type(step) is not int or not INT64_MIN <= step <= INT64_MAX:
             step = check_step("metrics", step)
         ts = time.time_ns() // 1_000_000 if timestamp is None else check_timestamp("metrics", timestamp)
         recs = []

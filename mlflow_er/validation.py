@@ -36,7 +36,7 @@ def check_key(key: object, field: str = "metric key") -> str:
         raise InvalidRecord(field, f"must be a str, got {type(key).__name__} {key!r}")
     if len(key) > MAX_KEY_LENGTH:
         raise InvalidRecord(field, f"{key[:40]!r}... is {len(key)} characters long", f"{MAX_KEY_LENGTH}")
-    if not _KEY_RE.match(key):
+    if not _KEY_RE.fullmatch(key):  # fullmatch: "$" alone would let a trailing "\n" through
         raise InvalidRecord(
             field,
             f"{key!r} contains characters MLflow rejects",
