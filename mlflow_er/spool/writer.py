@@ -1,0 +1,432 @@
+"""The append-only segment writer: group commit, rotation, no half-written record.
+
+One :class:`SpoolWriter` owns one segment file at a time (``segments/<id>-<n>.open``,
+created ``0600`` with ``O_EXCL | O_APPEND`` and held under an exclusive ``flock`` so
+other processes can tell a live writer from a dead one). :meth:`SpoolWriter.append`
+encodes a whole batch and hands it to the kernel in one ``write``; a committer thread
+``fsync``\\ s every ``fsync_interval`` seconds (group commit: one fsync covers every
+append since the last) and only then counts those records as acknowledged. A failed
+write is cut back (``ftruncate``) to the last complete frame before the error reaches
+the caller, so the file never holds half a record the writer did not warn about.
+
+Sealing (by size, by age, on :meth:`rotate` or :meth:`close`) fsyncs the segment, renames
+it to ``.seg`` and fsyncs the folder: a sealed segment is complete and immutable, which is
+what the uploader ships. :func:`recover` seals the segments of writers that died (their
+lock is free), cutting a torn tail first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from .errors import SpoolError, SpoolWriteError, write_error
+from .format import (
+    OPEN_SUFFIX,
+    SEALED_SUFFIX,
+    SEGMENTS_DIR,
+    Damage,
+    Encoder,
+    Frame,
+    SpoolRecord,
+    decode_header,
+    encode_header,
+    scan,
+    segment_name,
+)
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock, so no crash recovery of others' segments
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FSYNC_INTERVAL = 0.005
+DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
+DEFAULT_SEGMENT_AGE = 300.0
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def new_writer_id() -> str:
+    """A writer id that sorts by creation time (ms) and is unique across hosts."""
+    return f"{time.time_ns() // 1_000_000:013d}-{uuid.uuid4().hex[:12]}"
+
+
+def _fsync_dir(path: Path) -> None:
+    # A new or renamed file is only durable once its folder entry is.
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the file itself is synced
+    finally:
+        os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def make_spool_dir(root: Path) -> Path:
+    """Create ``root`` and its segment folder, private to the user (``0700``)."""
+    seg = root / SEGMENTS_DIR
+    seg.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for p in (root, seg):
+        try:
+            os.chmod(p, 0o700)
+        except OSError:
+            pass
+    return seg
+
+
+class SpoolWriter:
+    """Appends records to segment files under ``path``; thread-safe.
+
+    ``fsync_interval``: seconds between group commits (``0`` = fsync inside every
+    :meth:`append`; ``None`` = only on :meth:`flush`, rotation and close).
+    ``segment_bytes``/``segment_age``: seal the segment once it is this big / this old.
+    ``on_seal(path)`` is called (outside any lock) with each sealed segment.
+    ``experiment_id``/``experiment_name``/``role`` go into every segment header.
+    ``recover``: first seal segments left ``.open`` by dead writers in the same folder.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, experiment_id: str | None = None,
+                 experiment_name: str | None = None, role: str = "spool",
+                 fsync_interval: float | None = DEFAULT_FSYNC_INTERVAL,
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, segment_age: float | None = DEFAULT_SEGMENT_AGE,
+                 on_seal: Callable[[Path], None] | None = None, recover: bool = True):
+        self.root = Path(path)
+        self._seg_dir = make_spool_dir(self.root)
+        self.writer_id = new_writer_id()
+        self.fsync_interval = fsync_interval
+        self.segment_bytes = segment_bytes
+        self.segment_age = segment_age
+        self.on_seal = on_seal
+        self._meta = {"writer_id": self.writer_id, "role": role, "experiment_id": experiment_id,
+                      "experiment_name": experiment_name, "host": socket.gethostname(), "pid": os.getpid()}
+        self._encoder = Encoder()
+        self._lock = threading.Lock()  # fd, offsets, counters
+        self._sync_lock = threading.Lock()  # one fsync at a time
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._index = 0
+        self._offset = self._data_start = 0
+        self._opened_at = 0.0
+        self._appended = self._acked = 0
+        self._bytes = 0
+        self._sealed: list[Path] = []
+        self._error: SpoolWriteError | None = None
+        self._closed = False
+        self.recovered = recover_segments(self.root) if recover else []
+        self._dirty = threading.Event()
+        self._thread: threading.Thread | None = None
+        if fsync_interval or segment_age:
+            self._thread = threading.Thread(target=self._committer, name=f"mlflow-er-spool-{self.writer_id[-6:]}",
+                                            daemon=True)
+            self._thread.start()
+
+    # -- counters --------------------------------------------------------------------------
+    @property
+    def appended(self) -> int:
+        """Records handed to the kernel so far (readable, not yet necessarily durable)."""
+        return self._appended
+
+    @property
+    def acknowledged(self) -> int:
+        """Records known durable: written and covered by a completed ``fsync``."""
+        return self._acked
+
+    @property
+    def sealed(self) -> list[Path]:
+        """Segments this writer has sealed, oldest first."""
+        return list(self._sealed)
+
+    @property
+    def current_segment(self) -> Path | None:
+        """The segment being appended to, if any."""
+        return self._path
+
+    def stats(self) -> dict[str, int]:
+        """``appended``, ``acknowledged``, ``segments_sealed``, ``bytes_written``."""
+        return {"appended": self._appended, "acknowledged": self._acked, "segments_sealed": len(self._sealed),
+                "bytes_written": self._bytes}
+
+    # -- writing ---------------------------------------------------------------------------
+    def append(self, records: Sequence[SpoolRecord]) -> None:
+        """Write ``records`` (in order) to the current segment; durable after the next group commit.
+
+        Raises :class:`~mlflow_er.spool.errors.SpoolDiskFull` or
+        :class:`~mlflow_er.spool.errors.SpoolWriteError` if the write fails — the segment
+        is then cut back so none of these records is in it — and ``ValueError`` for a
+        record that cannot be encoded (nothing written).
+        """
+        if not records:
+            return
+        data = self._encoder.frames(records)  # outside the lock: encoding is the CPU-heavy part
+        sealed: Path | None = None
+        with self._lock:
+            self._check()
+            if self._fd is not None and self._offset > self._data_start and (
+                    self._offset + len(data) > self.segment_bytes or self._too_old()):
+                sealed = self._seal_locked()
+            if self._fd is None:
+                self._open_locked(getattr(records[0], "run_id", None))
+            self._write_locked(data)
+            self._appended += len(records)
+        if sealed is not None:
+            self._sealed_hook(sealed)
+        if self.fsync_interval == 0:
+            self.flush()
+        elif self.fsync_interval is not None:
+            self._dirty.set()
+
+    def flush(self) -> None:
+        """Make every record appended so far durable (``fsync``) and count it acknowledged."""
+        self._sync()
+        if self._error is not None:
+            raise self._error
+
+    def rotate(self) -> Path | None:
+        """Seal the current segment now; return its path (``None`` if nothing was open)."""
+        with self._lock:
+            self._check()
+            sealed = self._seal_locked() if self._fd is not None else None
+        if sealed is not None:
+            self._sealed_hook(sealed)
+        return sealed
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Seal the last segment and stop the committer thread. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._dirty.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        with self._lock:
+            if self._error is not None:
+                self._abandon_locked()
+                raise self._error
+            sealed = self._seal_locked() if self._fd is not None else None
+        if sealed is not None:
+            self._sealed_hook(sealed)
+
+    def __enter__(self) -> SpoolWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<SpoolWriter {str(self.root)!r} id={self.writer_id} appended={self._appended} acked={self._acked}>"
+
+    # -- internals (call *_locked with self._lock held) ---------------------------------------
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise SpoolError(f"spool writer {self.writer_id} is closed")
+
+    def _too_old(self) -> bool:
+        return self.segment_age is not None and time.monotonic() - self._opened_at > self.segment_age
+
+    def _open_locked(self, run_id: str | None) -> None:
+        path = self._seg_dir / (segment_name(self.writer_id, self._index) + OPEN_SUFFIX)
+        header = encode_header({**self._meta, "segment": self._index, "run_id": run_id,
+                                "created_ms": time.time_ns() // 1_000_000})
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | _O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise write_error(exc, str(path), "create") from exc
+        try:
+            _try_lock(fd)
+            done = 0
+            while done < len(header):
+                done += os.write(fd, header[done:])
+        except OSError as exc:
+            os.close(fd)
+            path.unlink(missing_ok=True)  # a segment without a whole header holds nothing
+            raise write_error(exc, str(path), "write") from exc
+        _fsync_dir(self._seg_dir)
+        self._fd, self._path = fd, path
+        self._offset = self._data_start = len(header)
+        self._opened_at = time.monotonic()
+
+    def _write_locked(self, data: bytes) -> None:
+        assert self._fd is not None and self._path is not None
+        start, view, done = self._offset, memoryview(data), 0
+        try:
+            while done < len(data):
+                n = os.write(self._fd, view[done:])
+                if n <= 0:  # a regular file never does this; never loop forever if one does
+                    raise OSError(28, "write made no progress")
+                done += n
+        except OSError as exc:
+            err = write_error(exc, str(self._path), "write")
+            if done:
+                self._cut_back_locked(start, err)
+            raise err from exc
+        self._offset = start + len(data)
+        self._bytes += len(data)
+
+    def _cut_back_locked(self, offset: int, cause: SpoolWriteError) -> None:
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, offset)
+        except OSError as exc:
+            # The partial frames stay; a reader reports them as a torn tail. Writing after
+            # them would bury that damage mid-file, so this writer stops here.
+            self._error = write_error(exc, str(self._path), f"cut-back after {cause}")
+            log.error("%s", self._error)
+
+    def _seal_locked(self) -> Path | None:
+        """fsync, rename to ``.seg`` and close the current segment; ``None`` if it held no record."""
+        fd, path = self._fd, self._path
+        assert fd is not None and path is not None
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self._error = write_error(exc, str(path), "fsync")
+            raise self._error from exc
+        self._acked = self._appended
+        sealed: Path | None = path.with_suffix(SEALED_SUFFIX)
+        if self._offset > self._data_start:
+            os.rename(path, sealed)  # while still locked, so no recovery can race us to it
+        else:
+            path.unlink(missing_ok=True)  # header only: nothing to ship
+            sealed = None
+        os.close(fd)
+        _fsync_dir(self._seg_dir)
+        self._fd = self._path = None
+        self._index += 1
+        if sealed is not None:
+            self._sealed.append(sealed)
+        return sealed
+
+    def _abandon_locked(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # left .open: the next writer's recovery cuts and seals it
+            self._fd = self._path = None
+
+    def _sealed_hook(self, path: Path) -> None:
+        if self.on_seal is not None:
+            try:
+                self.on_seal(path)
+            except Exception:  # a callback must never break appends
+                log.exception("spool on_seal callback failed for %s", path)
+
+    def _sync(self) -> None:
+        with self._sync_lock:
+            with self._lock:
+                if self._fd is None or self._acked >= self._appended or self._error is not None:
+                    return
+                # A duplicate fd: a rotation may close the original while we fsync outside the lock.
+                fd, target, path = os.dup(self._fd), self._appended, self._path
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                # After a failed fsync the kernel may have dropped the dirty pages: never
+                # claim those records durable, stop this writer.
+                with self._lock:
+                    self._error = write_error(exc, str(path), "fsync")
+                return
+            finally:
+                os.close(fd)
+            with self._lock:
+                if target > self._acked:
+                    self._acked = target
+
+    def _committer(self) -> None:
+        tick = min(1.0, self.segment_age) if self.segment_age else None
+        while not self._closed:
+            if not self._dirty.wait(tick):
+                self._seal_if_old()
+                continue
+            if self._closed:
+                return
+            if self.fsync_interval:
+                time.sleep(self.fsync_interval)  # let more appends join this commit
+            self._dirty.clear()
+            self._sync()
+            self._seal_if_old()
+
+    def _seal_if_old(self) -> None:
+        sealed = None
+        with self._lock:
+            if self._fd is not None and not self._closed and self._error is None and self._too_old() \
+                    and self._offset > self._data_start:
+                try:
+                    sealed = self._seal_locked()
+                except SpoolWriteError:
+                    return  # kept in self._error; the next append or flush raises it
+        if sealed is not None:
+            self._sealed_hook(sealed)
+
+
+def recover_segments(root: str | os.PathLike[str]) -> list[Path]:
+    """Seal every ``.open`` segment under ``root`` whose writer is gone; return the sealed paths.
+
+    A segment whose lock can be taken has no live writer. A torn tail (a write cut short
+    by the crash) is cut off first; it held no acknowledged record, since a record is
+    acknowledged only once its whole frame was written and fsynced. A segment with no
+    complete record is removed.
+    """
+    seg_dir = Path(root) / SEGMENTS_DIR
+    out: list[Path] = []
+    if fcntl is None or not seg_dir.is_dir():
+        return out
+    for path in sorted(seg_dir.glob("*" + OPEN_SUFFIX)):
+        try:
+            fd = os.open(path, os.O_RDWR | _O_CLOEXEC)
+        except OSError:
+            continue  # sealed or removed meanwhile
+        try:
+            if not _try_lock(fd) or not path.exists():
+                continue
+            data = path.read_bytes()
+            _header, start, _problem = decode_header(data)
+            frames, cut = 0, None
+            for item in scan(data, start):
+                if type(item) is Frame:
+                    frames += 1
+                elif type(item) is Damage and item.torn:
+                    cut = item.start
+            if frames == 0:
+                path.unlink()
+                log.info("spool: removed %s (no complete record)", path.name)
+                continue
+            if cut is not None:
+                os.ftruncate(fd, cut)
+                log.warning("spool: cut a torn tail of %d bytes from %s (a writer died mid-write)",
+                            len(data) - cut, path.name)
+            os.fsync(fd)
+            sealed = path.with_suffix(SEALED_SUFFIX)
+            os.rename(path, sealed)
+            out.append(sealed)
+            log.info("spool: sealed %s left open by a writer that is gone", sealed.name)
+        except OSError as exc:
+            log.warning("spool: could not recover %s: %s", path, exc)
+        finally:
+            os.close(fd)
+    if out:
+        _fsync_dir(seg_dir)
+    return out
