@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Capture", "MemorySink", "MemorySinkPlugin", "StoredArtifact", "capture", "memory_sink_plugin",
-    "register_memory_sink", "unregister_memory_sink", "write_fake_distribution",
+    "prefill_sqlite_store", "register_memory_sink", "unregister_memory_sink", "write_fake_distribution",
 ]
 
 #: The name under which :data:`memory_sink_plugin` provides :class:`MemorySink`.
@@ -456,3 +456,41 @@ def write_fake_distribution(root: str | os.PathLike[str], name: str, version: st
     for mod, source in (modules or {}).items():
         (root / f"{mod}.py").write_text(source, encoding="utf-8")
     return info
+
+
+# -- a fast SQLite tracking store ------------------------------------------------------------
+_template_lock = threading.Lock()
+_template: Path | None = None
+
+
+def _sqlite_template() -> Path:
+    global _template
+    with _template_lock:
+        if _template is None or not _template.exists():
+            import tempfile
+
+            from mlflow import MlflowClient
+
+            folder = Path(tempfile.mkdtemp(prefix="mlflow-er-sqlite-template-"))
+            db = folder / "mlflow.db"
+            MlflowClient(f"sqlite:///{db}").search_experiments()  # runs the schema migrations once
+            _template = db
+        return _template
+
+
+def prefill_sqlite_store(uri: str) -> str:
+    """Create the SQLite file of ``uri`` (``sqlite:///path``) from an already migrated template.
+
+    A new MLflow SQLite store spends about a second in schema migrations; tests that
+    each want a fresh store pay that once per process instead. Does nothing if the file
+    already exists. Returns ``uri``.
+    """
+    import shutil
+
+    if not uri.startswith("sqlite:///"):
+        raise ValueError(f"not a sqlite:/// URI: {uri!r}")
+    target = Path(uri[len("sqlite:///"):])
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_sqlite_template(), target)
+    return uri
