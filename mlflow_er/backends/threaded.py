@@ -156,20 +156,21 @@ class ThreadedBackend(Backend):
         if type(record) is Artifact and record.payload is not None:
             size += _payload_size(record.payload)
         with self._lock:
-            if len(self._buf) >= self.max_queue or self._bytes + size > self.max_bytes:
-                if not self._make_room(record, size):
+            over_records = len(self._buf) >= self.max_queue
+            # A single record larger than max_bytes still goes through an empty buffer.
+            if over_records or (self._bytes + size > self.max_bytes and self._bytes > 0):
+                if not self._make_room(size, "queue_full" if over_records else "bytes_full"):
                     return
             self._bytes += size
             self._buf.append((record, size) if size else record)
         if len(self._buf) >= self._kick_at:
             self._kick()
 
-    def _make_room(self, record: Record, size: int) -> bool:
+    def _make_room(self, size: int, reason: str) -> bool:
         """Apply ``on_full`` with the lock held. False means the record was dropped."""
         if self._fatal is not None or (self._writer is not None and not self._writer.is_alive()):
             raise BackendClosed(f"the writer thread is not running ({self._fatal!r}); nothing more can be sent")
         if self.on_full == "drop":
-            reason = "queue_full" if len(self._buf) >= self.max_queue else "bytes_full"
             self._stats.dropped[reason] += 1
             if not self._warned_drop:
                 self._warned_drop = True
