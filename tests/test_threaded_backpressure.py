@@ -18,7 +18,7 @@ import pytest
 
 from mlflow_er import ExperimentTracker
 from mlflow_er.backends.threaded import ThreadedBackend
-from mlflow_er.errors import DeliveryError, QueueFull
+from mlflow_er.errors import DeliveryError, QueueFull, SinkError
 from mlflow_er.records import Artifact, Batch
 from mlflow_er.sinks.base import Sink
 
@@ -243,3 +243,47 @@ def _wait_for(cond, timeout: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+class DownSink(Sink):
+    """A destination that is down: every write fails transiently."""
+
+    name = "down"
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def write_batch(self, batch: Batch) -> None:
+        self.attempts += 1
+        raise SinkError("connection refused", transient=True)
+
+    def write_artifact(self, artifact: Artifact) -> None:
+        raise SinkError("connection refused", transient=True)
+
+
+@pytest.mark.timeout(30)
+def test_records_reported_unsent_at_close_are_not_reported_again(tracking_uri: str) -> None:
+    # close(timeout) gives up on records the writer is still retrying and reports them as
+    # unsent. The writer then stops and records the same in-flight batch as failed; the
+    # next flush/close (e.g. the atexit drain) must not report those records a second time.
+    n = 50
+    sink = DownSink()
+    backend = ThreadedBackend(retry_deadline=300)
+    tracker = _tracker(backend, sink, close_timeout=0.5)
+    reported: list[DeliveryError] = []
+    try:
+        with tracker.run(run_name="r") as run:
+            for i in range(n):
+                run.log_metric("m", float(i), step=i)
+            _wait_for(lambda: sink.attempts > 0)  # the batch is in flight, being retried
+    except DeliveryError as exc:
+        reported.append(exc)
+    assert reported and reported[0].unsent == n, reported
+    time.sleep(0.5)  # the writer notices the stop and gives up on its batch
+    for _ in range(2):  # what the atexit drain (or a later run's close) would do
+        try:
+            backend.close(timeout=1)
+        except DeliveryError as exc:
+            reported.append(exc)
+    total = sum(e.unsent + len(e.failed) for e in reported)
+    assert total == n, f"{n} records reported {total} times: {[str(e)[:120] for e in reported]}"
