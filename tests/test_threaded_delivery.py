@@ -274,3 +274,26 @@ def test_slow_artifact_upload_does_not_hold_metrics_back(tracking_uri: str, tmp_
     assert arrived < 1.5
     assert sink.artifact_started is not None and sink.artifact_done is not None
     assert max(sink.metric_times.values()) < sink.artifact_done
+
+
+@pytest.mark.timeout(60)
+def test_artifact_snapshot_survives_in_place_overwrite(tracking_uri: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # np.save / torch.save / open(path, "wb") rewrite the same inode: a checkpoint saved
+    # to the same path every epoch. A hard-link "snapshot" shares that inode, so the
+    # upload would carry the new (or half-written) content instead of the logged one.
+    monkeypatch.setenv("MLFLOW_ER_STAGING_DIR", str(tmp_path / "staging"))
+    sink = GatedMlflowSink(tracking_uri)
+    tracker = ExperimentTracker(_name("inplace"), backend="threaded", sinks=[sink], close_timeout=30)
+    ckpt = tmp_path / "ckpt.npy"
+    np.save(ckpt, np.arange(10))
+    try:
+        with tracker.run(run_name="r") as run:
+            run.log_artifact(ckpt)
+            np.save(ckpt, np.full(10, -1))  # the next epoch's checkpoint, same path
+            sink.gate.set()
+            run.flush(timeout=30)
+    finally:
+        sink.gate.set()
+    out = Path(MlflowClient(tracking_uri).download_artifacts(run.run_id, "ckpt.npy", str(tmp_path / "dl")))
+    assert np.load(out).tolist() == list(range(10)), "the uploaded checkpoint is not the one logged"
