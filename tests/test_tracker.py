@@ -361,6 +361,25 @@ def test_params_and_tags_split_at_100(tracking_uri: str) -> None:
     assert len(data.params) == 250 and data.tags["t149"] == "149"
 
 
+def test_flush_and_run_end_flush_the_sinks(tracking_uri: str) -> None:
+    sink = MemorySink()
+    tracker = ExperimentTracker("flushing", tracking_uri=tracking_uri, sinks=["mlflow", sink])
+    with tracker.run(run_name="r") as run:
+        run.log_metric("x", 1.0)
+        run.flush(5)
+        assert sink.flushes == 1
+    assert sink.flushes == 2
+
+    class StuckSink(MemorySink):
+        def flush(self) -> None:
+            raise OSError("disk gone")
+
+    stuck = ExperimentTracker("flushing", tracking_uri=tracking_uri, sinks=[StuckSink()])
+    with pytest.raises(DeliveryError, match="memory.*disk gone"):
+        with stuck.run(run_name="r2"):
+            pass
+
+
 # -- artifacts -------------------------------------------------------------------------------
 def _download(tracker: ExperimentTracker, run_id: str, path: str, dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)

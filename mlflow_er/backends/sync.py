@@ -68,6 +68,22 @@ class SyncBackend(Backend):
         if failed:
             raise DeliveryError(failed)
 
+    def flush(self, timeout: float | None = None) -> None:
+        """Everything is already delivered; ask each sink to make it durable (``Sink.flush``)."""
+        failed: list[FailedRecord] = []
+        with self._lock:
+            for d in self._deliverers:
+                try:
+                    d.sink.flush()
+                except Exception as exc:  # a third-party sink may raise anything
+                    failed.append(FailedRecord("sink", d.sink.name, f"flush failed: {type(exc).__name__}: {exc}"))
+        if failed:
+            raise DeliveryError(failed)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush the sinks. They stay open: the tracker may open this backend again for its next run."""
+        self.flush(timeout)
+
     def stats(self) -> dict[str, Any]:
         s = self._stats
         return {"backend": NAME, "queued": 0, "submitted": self._submitted,
