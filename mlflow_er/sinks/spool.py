@@ -15,15 +15,19 @@ Options (``sink_options={"spool": {...}}``):
 ``segment_bytes``   seal a segment at this size (default 16 MiB)
 ``segment_age``     ... or at this age in seconds (default 300)
 ``upload_timeout``  how long ``close()`` may spend on the last uploads (default 60 s)
+``exit_timeout``    ... and at interpreter exit, for a sink nobody closed (default 10 s)
 ``verify``          ``"crc"`` (read back and compare, default) or ``"size"``
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import shutil
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,8 @@ from ..records import Artifact, Batch
 from ..spool.format import ARTIFACTS_DIR, RunInfo
 from ..spool.writer import DEFAULT_FSYNC_INTERVAL, DEFAULT_SEGMENT_AGE, DEFAULT_SEGMENT_BYTES, SpoolWriter
 from .base import Sink
+
+log = logging.getLogger(__name__)
 
 NAME = "spool"
 ENV_DIR = "MLFLOW_ER_SPOOL_DIR"
@@ -42,6 +48,22 @@ DEFAULT_DIR = "mlflow-er-spool"
 def default_spool_dir() -> Path:
     """``$MLFLOW_ER_SPOOL_DIR``, else ``./mlflow-er-spool``."""
     return Path(os.environ.get(ENV_DIR) or DEFAULT_DIR)
+
+
+_open_sinks: weakref.WeakSet[SpoolSink] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    # Nothing else may close a sink (a tracker keeps its sinks for its next run), so at exit
+    # seal the last segment and give uploads a bounded last chance; what is left stays on
+    # disk and the next start (or `mlflow-er sync`) picks it up.
+    for sink in list(_open_sinks):
+        if sink._pid == os.getpid():
+            try:
+                sink.close(timeout=sink.exit_timeout)
+            except Exception as exc:
+                log.warning("mlflow-er spool: closing %r at exit failed: %s", sink, exc)
 
 
 def _fsync_path(path: Path) -> None:
@@ -66,10 +88,13 @@ class SpoolSink(Sink):
                  experiment_id: str | None = None, experiment_name: str | None = None,
                  fsync_interval: float | None = DEFAULT_FSYNC_INTERVAL, segment_bytes: int = DEFAULT_SEGMENT_BYTES,
                  segment_age: float | None = DEFAULT_SEGMENT_AGE, upload_options: dict[str, Any] | None = None,
-                 upload_timeout: float = 60.0, verify: str = "crc", progress: bool | None = None):
+                 upload_timeout: float = 60.0, exit_timeout: float = 10.0, verify: str = "crc",
+                 progress: bool | None = None):
         self.path = Path(path if path is not None else default_spool_dir()).expanduser().resolve()
         self.upload_url = upload_url
         self.upload_timeout = upload_timeout
+        self.exit_timeout = exit_timeout
+        self._pid = os.getpid()
         self.uploader = None
         if upload_url:
             from ..spool.upload import Uploader
@@ -82,6 +107,7 @@ class SpoolSink(Sink):
         self._closed = False
         if self.uploader is not None:
             self.uploader.start()  # resumes whatever an earlier process left pending
+        _open_sinks.add(self)
 
     @classmethod
     def from_context(cls, context: SinkContext) -> SpoolSink:
@@ -152,16 +178,24 @@ class SpoolSink(Sink):
         """fsync now: every record written so far is acknowledged when this returns."""
         self.writer.flush()
 
-    def close(self) -> None:
-        """Seal the last segment and upload what is pending within ``upload_timeout`` (the rest stays on disk)."""
+    def rotate(self) -> None:
+        """Seal the current segment now (e.g. at a run's end) so it is uploaded without waiting for size/age."""
+        self.writer.rotate()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Seal the last segment and upload what is pending within ``timeout`` (default ``upload_timeout``).
+
+        Whatever is not uploaded by then stays on disk: the next sink on this folder resumes it.
+        """
         if self._closed:
             return
         self._closed = True
+        _open_sinks.discard(self)
         try:
             self.writer.close()
         finally:
             if self.uploader is not None:
-                self.uploader.close(self.upload_timeout)
+                self.uploader.close(self.upload_timeout if timeout is None else timeout)
 
     # -- run facts (used for offline runs, replayed by `mlflow-er sync`) -------------------------
     def start_run(self, run_id: str, *, run_name: str | None = None, start_time: int | None = None,

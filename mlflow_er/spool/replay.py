@@ -24,9 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,26 @@ log = logging.getLogger(__name__)
 
 SOURCE_RUN_TAG = "mlflow_er.source_run_id"
 DEFAULT_CHUNK = 5000
+
+
+@contextmanager
+def _mlflow_http_policy(timeout: float) -> Iterator[None]:
+    """No MLflow-level HTTP retries while syncing: ours are the only ones, so they never stack.
+
+    MLflow reads these variables per request; they are process-wide, so they are set only
+    for the duration of a sync and restored after.
+    """
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout)))}
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def target_key(tracking_uri: str) -> str:
@@ -91,6 +115,8 @@ class Replayer:
         self.state = f"{self.root}/{SYNC_DIR}/{target_key(tracking_uri)}"
         self.redacted_uri = _redact(tracking_uri)
         self.chunk_records = max(1, chunk_records)
+        self.request_timeout = request_timeout
+        self.policy = RetryPolicy(deadline=retry_deadline)
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.report = SyncReport()
         self._runs: dict[str, str] = {}
@@ -123,6 +149,33 @@ class Replayer:
     # -- the replay ----------------------------------------------------------------------------
     def run(self) -> SyncReport:
         """Replay every segment not yet fully synced; raise :class:`SyncError` if a transient failure persists."""
+        with _mlflow_http_policy(self.request_timeout):
+            return self._run()
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A tracking-server call (lookups, run creation) under the same retry policy as batches."""
+        from mlflow.exceptions import MlflowException
+
+        from ..sinks.mlflow import classify_mlflow_exception
+
+        start, attempt = time.monotonic(), 0
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except MlflowException as exc:
+                err = classify_mlflow_exception(exc)
+                if not err.transient:
+                    raise
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                err = exc  # type: ignore[assignment]
+            remaining = self.policy.deadline - (time.monotonic() - start)
+            if remaining <= 0:
+                raise SyncError(f"tracking server unavailable, sync stopped (progress saved; run it again): "
+                                f"{what}: {err}")
+            time.sleep(min(self.policy.backoff(attempt, getattr(err, "retry_after", None)), remaining))
+            attempt += 1
+
+    def _run(self) -> SyncReport:
         if self._read_json(f"{self.state}/target.json") is None:
             write_atomic(self.fs, f"{self.state}/target.json",
                          json.dumps({"tracking_uri": self.redacted_uri}).encode())
@@ -222,10 +275,11 @@ class Replayer:
         if name in self._experiments:
             return self._experiments[name]
         if name:
-            exp = self.client.get_experiment_by_name(name)
+            exp = self._call("find experiment", self.client.get_experiment_by_name, name)
             if exp is not None and exp.lifecycle_stage == LifecycleStage.DELETED:
                 raise SyncError(f"experiment {name!r} is deleted at {self.redacted_uri}; restore it first")
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+            exp_id = exp.experiment_id if exp is not None else \
+                self._call("create experiment", self.client.create_experiment, name)
         else:
             exp_id = "0"  # a spool that names no experiment (e.g. spill) goes to MLflow's default one
         self._experiments[name] = exp_id
@@ -254,15 +308,15 @@ class Replayer:
         from mlflow.exceptions import MlflowException
 
         try:
-            run = self.client.get_run(orig)
+            run = self._call("look up run", self.client.get_run, orig)
             if run.info.lifecycle_stage == LifecycleStage.ACTIVE:
                 return {"run_id": orig, "experiment_id": run.info.experiment_id, "created": False}
         except MlflowException as exc:
             if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
                 raise SyncError(f"cannot look up run {orig} at {self.redacted_uri}: {exc}") from exc
         exp_id = self._experiment(header)
-        found = self.client.search_runs([exp_id], filter_string=f"tags.`{SOURCE_RUN_TAG}` = '{orig}'",
-                                        max_results=1)
+        found = self._call("search runs", self.client.search_runs, [exp_id],
+                           filter_string=f"tags.`{SOURCE_RUN_TAG}` = '{orig}'", max_results=1)
         if found:
             return {"run_id": found[0].info.run_id, "experiment_id": exp_id, "created": True}
         info = self._infos.get(orig, {})
@@ -273,8 +327,8 @@ class Replayer:
         parent = info.get("parent_run_id")
         if parent:
             tags["mlflow.parentRunId"] = self._target_run(str(parent), header, first_ts)
-        run = self.client.create_run(exp_id, start_time=int(info.get("start_time") or first_ts), tags=tags,
-                                     run_name=info.get("run_name"))
+        run = self._call("create run", self.client.create_run, exp_id,
+                         start_time=int(info.get("start_time") or first_ts), tags=tags, run_name=info.get("run_name"))
         self.report.runs_created.append(run.info.run_id)
         log.info("mlflow-er sync: created run %s for spooled run %s", run.info.run_id, orig)
         return {"run_id": run.info.run_id, "experiment_id": exp_id, "created": True}
@@ -285,8 +339,8 @@ class Replayer:
         if status:
             target = self._target_run(info.run_id, header, info.timestamp)
             if info.run_id in self._created:  # a run the tracker ended itself is left as it is
-                self.client.set_terminated(target, status=str(status),
-                                           end_time=int(info.fields.get("end_time") or info.timestamp))
+                self._call("end run", self.client.set_terminated, target, status=str(status),
+                           end_time=int(info.fields.get("end_time") or info.timestamp))
 
     def _artifact(self, a: Artifact, header: dict[str, Any]) -> list[FailedRecord]:
         from .. import artifacts

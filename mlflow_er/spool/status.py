@@ -119,7 +119,7 @@ def format_status(status: dict[str, Any]) -> str:
             synced = f"{s['records']}" + (" done" if s["done"] else "")
         table.append([r["segment"], state, str(r["bytes"]), str(r["records"]), up, synced, str(len(r["gaps"]))])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
     lines.append(f"acknowledged (sealed): {t['acknowledged']}   in open segments: {t['open_records']}   "
                  f"uploaded: {t['uploaded']} ({t['uploaded_segments']}/{t['segments']} segments)")
     for key, uri in targets.items():

@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -53,6 +54,20 @@ DEFAULT_FSYNC_INTERVAL = 0.005
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_SEGMENT_AGE = 300.0
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+_live_writers: weakref.WeakSet[SpoolWriter] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The child shares the parent's segment file (and its lock): appending from both would
+    # interleave writes and double-count acknowledgements. Disable the copies in the child.
+    for w in list(_live_writers):
+        w._disown()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def new_writer_id() -> str:
@@ -135,6 +150,7 @@ class SpoolWriter:
         self._error: SpoolWriteError | None = None
         self._closed = False
         self.recovered = recover_segments(self.root) if recover else []
+        _live_writers.add(self)
         self._dirty = threading.Event()
         self._thread: threading.Thread | None = None
         if fsync_interval or segment_age:
@@ -240,6 +256,17 @@ class SpoolWriter:
         return f"<SpoolWriter {str(self.root)!r} id={self.writer_id} appended={self._appended} acked={self._acked}>"
 
     # -- internals (call *_locked with self._lock held) ---------------------------------------
+    def _disown(self) -> None:
+        """In a forked child: let go of the parent's segment without touching it."""
+        self._lock = threading.Lock()  # the parent may have held it at fork time
+        self._sync_lock = threading.Lock()
+        if self._fd is not None:
+            os.close(self._fd)  # the parent's descriptor (and its lock) stay open in the parent
+        self._fd = self._path = None
+        self._thread = None
+        self._error = SpoolWriteError(f"spool writer {self.writer_id} belongs to process {self._meta['pid']}; "
+                                      f"create a new SpoolWriter after fork()")
+
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
