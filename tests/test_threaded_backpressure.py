@@ -8,9 +8,11 @@ within their timeout and say how much is unsent.
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterator
 
 import psutil
@@ -19,7 +21,7 @@ import pytest
 from mlflow_er import ExperimentTracker
 from mlflow_er.backends.threaded import ThreadedBackend
 from mlflow_er.errors import DeliveryError, QueueFull, SinkError
-from mlflow_er.records import Artifact, Batch
+from mlflow_er.records import Artifact, Batch, Metric
 from mlflow_er.sinks.base import Sink
 
 
@@ -287,3 +289,30 @@ def test_records_reported_unsent_at_close_are_not_reported_again(tracking_uri: s
             reported.append(exc)
     total = sum(e.unsent + len(e.failed) for e in reported)
     assert total == n, f"{n} records reported {total} times: {[str(e)[:120] for e in reported]}"
+
+
+class _WriterPopsBeforeReasonIsRead(deque):
+    """A buffer where "the writer" takes one record just before the drop reason is decided.
+
+    The real writer pops without the backend's lock, so a GIL switch can land exactly
+    there; this makes that interleaving deterministic instead of timing-dependent.
+    """
+
+    def __len__(self) -> int:
+        if sys._getframe(1).f_code.co_name == "_make_room" and super().__len__():
+            self.popleft()
+        return super().__len__()
+
+
+@pytest.mark.timeout(30)
+def test_drop_reason_when_writer_drains_concurrently_deterministic() -> None:
+    backend = ThreadedBackend(max_queue=10, on_full="drop")
+    backend._buf = _WriterPopsBeforeReasonIsRead()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for i in range(20):
+            backend.submit(Metric("run", "m", float(i), 0, i, i))
+    stats = backend.stats()
+    assert stats["dropped_total"] > 0
+    assert stats["queued_bytes"] == 0
+    assert set(stats["dropped"]) == {"queue_full"}, stats["dropped"]
