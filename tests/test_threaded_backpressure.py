@@ -316,3 +316,41 @@ def test_drop_reason_when_writer_drains_concurrently_deterministic() -> None:
     assert stats["dropped_total"] > 0
     assert stats["queued_bytes"] == 0
     assert set(stats["dropped"]) == {"queue_full"}, stats["dropped"]
+
+
+class FastSink(Sink):
+    """A healthy destination: stores instantly."""
+
+    name = "fast"
+
+    def __init__(self) -> None:
+        self.metrics = 0
+
+    def write_batch(self, batch: Batch) -> None:
+        self.metrics += len(batch.metrics)
+
+    def write_artifact(self, artifact: Artifact) -> None:
+        pass
+
+
+@pytest.mark.timeout(30)
+def test_drop_full_buffer_wakes_the_writer(tracking_uri: str) -> None:
+    # With max_queue below a batch (1000 metrics) the buffer is full long before a batch
+    # is: in "block" mode the caller wakes the writer then, and "drop" mode must too,
+    # rather than dropping while the writer naps until flush_interval with a healthy sink.
+    sink = FastSink()
+    backend = ThreadedBackend(max_queue=100, on_full="drop", flush_interval=3.0)
+    tracker = _tracker(backend, sink)
+    with tracker.run(run_name="r") as run, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for i in range(101):  # the 101st finds the buffer full
+            run.log_metric("m", float(i), step=i)
+        deadline = time.monotonic() + 1.5
+        while backend.stats()["queued"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for i in range(101, 150):
+            run.log_metric("m", float(i), step=i)
+        run.flush(timeout=10)
+        stats = run.stats()
+    assert sink.metrics + stats["dropped_total"] == 150
+    assert stats["dropped_total"] <= 1, f"{stats['dropped_total']} records dropped while the sink sat idle"
