@@ -210,6 +210,28 @@ def test_cli_sync_and_status(tmp_path: Path, tracking_uri: str, capsys: pytest.C
     assert "synced 0 record(s)" in capsys.readouterr().out
 
 
+@pytest.mark.timeout(60)
+def test_status_of_a_live_writer_and_a_partial_sync(tmp_path: Path, tracking_uri: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    w = SpoolWriter(tmp_path / "spool", fsync_interval=None, experiment_name="live", segment_bytes=3000)
+    w.append([Metric(RUN, "m", float(i), TS, i, i) for i in range(100)])
+    w.flush()
+    assert sync(str(tmp_path / "spool"), tracking_uri).records == 100  # open segments sync too
+    w.append([Metric(RUN, "m", float(i), TS, i, i) for i in range(100, 130)])
+    assert status_main([str(tmp_path / "spool"), "--json"]) == EXIT_OK
+    st = json.loads(capsys.readouterr().out)
+    live = [s for s in st["segments"] if s["state"] == "open"]
+    assert len(live) == 1 and live[0]["writer_alive"] is True
+    assert st["totals"]["records"] == 130 and st["totals"]["open_records"] == live[0]["records"]
+    (key,) = st["targets"]
+    assert st["totals"]["synced"][key] == 100 and st["targets"][key] == tracking_uri
+    assert sync(str(tmp_path / "spool"), tracking_uri).records == 30  # resumes inside the open segment
+    w.close()
+    assert sync(str(tmp_path / "spool"), tracking_uri).records == 0
+    client = MlflowClient(tracking_uri)
+    assert len(client.get_metric_history(only_run(client, "live").info.run_id, "m")) == 130
+
+
 # -- a spooling process killed with SIGKILL, 20 times ----------------------------------------------------
 CHILD = r"""
 import random, sys, time, types

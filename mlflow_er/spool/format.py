@@ -7,6 +7,7 @@ A spool is a folder (or any fsspec URL) laid out as::
     artifacts/<id>/<name>               artifact snapshots referenced by ARTIFACT records
     uploaded/...                        local markers: this segment/artifact is at upload_url
     sync/<target>/...                   replay progress and run mapping, per tracking server
+    destination.json                    (at an upload_url only) marks the folder as an upload copy
 
 A segment is a header followed by frames (all integers little-endian)::
 
@@ -63,6 +64,8 @@ SEGMENTS_DIR = "segments"
 ARTIFACTS_DIR = "artifacts"
 UPLOADED_DIR = "uploaded"
 SYNC_DIR = "sync"
+#: Written by the uploader at the root of a destination: marks a folder as an upload copy of a spool.
+DESTINATION_FILE = "destination.json"
 OPEN_SUFFIX = ".open"
 SEALED_SUFFIX = ".seg"
 

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from .format import SEGMENTS_DIR, SYNC_DIR, UPLOADED_DIR
+from .format import DESTINATION_FILE, SEGMENTS_DIR, SYNC_DIR, UPLOADED_DIR
 from .reader import Segment, SpoolReader, is_local
 
 
@@ -65,17 +65,18 @@ def spool_status(url: str, storage_options: dict[str, Any] | None = None) -> dic
     local = is_local(reader.fs)
     root = reader.root.rstrip("/")
     targets = _targets(reader)
+    destination = reader.fs.exists(f"{root}/{DESTINATION_FILE}")
+    has_markers = local and reader.fs.exists(f"{root}/{UPLOADED_DIR}")
     rows = []
     for seg in reader.segments():
         gaps_before = len(reader.gaps)
         records = sum(1 for _ in reader.iter_segment(seg))
         header = reader.header(seg) or {}
-        uploaded: bool | None = None
-        if local:
-            marker = f"{root}/{UPLOADED_DIR}/{SEGMENTS_DIR}/{seg.name}"
-            uploaded = reader.fs.exists(marker) if reader.fs.exists(f"{root}/{UPLOADED_DIR}") else None
-        else:
-            uploaded = seg.sealed  # a sealed segment at a remote URL is an upload
+        uploaded: bool | None = None  # None: this spool is not uploaded anywhere
+        if destination:
+            uploaded = seg.sealed  # a sealed segment at an upload destination is an upload
+        elif has_markers:
+            uploaded = reader.fs.exists(f"{root}/{UPLOADED_DIR}/{SEGMENTS_DIR}/{seg.name}")
         synced = {}
         for key in targets:
             prog = _synced(reader, key, seg)
@@ -99,7 +100,8 @@ def spool_status(url: str, storage_options: dict[str, Any] | None = None) -> dic
         "synced": {key: sum(r["synced"][key]["records"] for r in rows) for key in targets},
         "gaps": sum(len(r["gaps"]) for r in rows),
     }
-    return {"url": url, "local": local, "targets": targets, "totals": totals, "segments": rows}
+    return {"url": url, "local": local, "destination": destination, "targets": targets, "totals": totals,
+            "segments": rows}
 
 
 def format_status(status: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ each verified upload; the next start resumes with whatever has none.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SpoolUploadError
-from .format import ARTIFACTS_DIR, SEALED_SUFFIX, SEGMENTS_DIR, UPLOADED_DIR
+from .format import ARTIFACTS_DIR, DESTINATION_FILE, SEALED_SUFFIX, SEGMENTS_DIR, UPLOADED_DIR, VERSION
 from .reader import is_local, open_fs
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class Uploader:
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._marked_destination = False
 
     # -- what is pending -----------------------------------------------------------------------
     def _marker(self, kind: str, name: str) -> Path:
@@ -192,6 +194,7 @@ class Uploader:
                 bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"upload to {self.url}", leave=False)
             done = 0
             try:
+                self._mark_destination()
                 done += self._upload_artifacts(arts, files, deadline, bar)
                 for seg in segs:
                     if deadline is not None and time.monotonic() > deadline:
@@ -208,6 +211,15 @@ class Uploader:
                 if bar is not None:
                     bar.close()
             return done
+
+    def _mark_destination(self) -> None:
+        if self._marked_destination:
+            return
+        path = f"{self.base}/{DESTINATION_FILE}"
+        self.fs.invalidate_cache()
+        if not self.fs.exists(path):
+            write_atomic(self.fs, path, json.dumps({"format": VERSION, "kind": "mlflow-er spool upload"}).encode())
+        self._marked_destination = True
 
     def _upload_artifacts(self, arts: list[Path], files: list[tuple[Path, str, Path]], deadline: float | None,
                           bar: Any) -> int:
