@@ -1,0 +1,239 @@
+"""``mlflow-er bench``: MLflow's logging modes and every mlflow-er backend × sink, side by side.
+
+Workloads (``latency``, ``throughput``, ``seed``, ``memory``) run for every contender in
+one invocation, interleaved (A B A B …) over ``--repeat`` repetitions, each task in a
+fresh child process. The report gives medians with their spread, ratios against MLflow
+sync and async, and the project's targets as met or missed. ``--json`` prints the same
+as a stable JSON document::
+
+    {"schema": "mlflow-er-bench/1", "machine": {...}, "store": {"kind", "uri"},
+     "settings": {...}, "contenders": {workload: [name, ...]}, "skipped": [...],
+     "workloads": {workload: {contender: {metric: {"median", "min", "max", "n"}}}},
+     "ratios": {workload: {contender: {metric: {reference: ratio}}}},
+     "targets": [{"name", "op", "target", "measured", "unit", "met"}], "errors": [...], "notes": [...]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import report
+from .contenders import Contender, Context, er_contender, mlflow_contenders
+from .runner import Plan, Task, Zygote, run_plan
+from .server import open_store
+from .workloads import WORKLOADS, applies, sizes_for
+
+SCHEMA = "mlflow-er-bench/1"
+
+__all__ = ["main", "SCHEMA"]
+
+
+def _options(values: list[str], flag: str) -> dict[str, dict[str, Any]]:
+    """``NAME.KEY=VALUE`` strings as ``{NAME: {KEY: VALUE}}`` (VALUE parsed as JSON when it is JSON)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in values:
+        name, dot, rest = item.partition(".")
+        key, eq, raw = rest.partition("=")
+        if not (dot and eq and name and key):
+            raise SystemExit(f"mlflow-er bench: error: {flag} expects NAME.KEY=VALUE, got {item!r}")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(name, {})[key] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mlflow-er bench`` argument parser."""
+    p = argparse.ArgumentParser(prog="mlflow-er bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: finishes in seconds")
+    p.add_argument("--repeat", type=int, default=None, help="repetitions per workload × contender (default 3, "
+                   "quick 1)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {WORKLOADS}")
+    p.add_argument("--contenders", default=None,
+                   help="comma-separated names or glob patterns (e.g. 'mlflow-*,er-threaded/*'); default all")
+    store = p.add_mutually_exclusive_group()
+    store.add_argument("--tracking-uri", default=None, help="an existing store, e.g. http://127.0.0.1:5000 "
+                       "(default: a fresh SQLite store in a temporary folder)")
+    store.add_argument("--start-server", action="store_true",
+                       help="start a local 'mlflow server' (SQLite, --serve-artifacts) on 127.0.0.1 for the run")
+    p.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
+    p.add_argument("--plot", metavar="PNG", default=None, help="also save a plot (needs matplotlib)")
+    p.add_argument("--epochs", type=int, default=None, help="seed workload: epochs (default 5)")
+    p.add_argument("--compute", type=float, default=None, help="seed workload: simulated compute per epoch, s")
+    p.add_argument("--file-mb", type=int, default=None, help="seed workload: size of the file artifact, MB "
+                   "(default 32)")
+    p.add_argument("--sink-option", action="append", default=[], metavar="SINK.KEY=VALUE",
+                   help="an option for a sink, e.g. spool.path=/tmp/spool (repeatable)")
+    p.add_argument("--backend-option", action="append", default=[], metavar="BACKEND.KEY=VALUE",
+                   help="an option for a backend, e.g. threaded.flush_interval=0.1 (repeatable)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary store and the child logs")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def _machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        info["cpu_model"] = platform.processor() or "?"
+    try:
+        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    for dist, key in (("mlflow", "mlflow"), ("mlflow-er", "mlflow_er")):
+        try:
+            info[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[key] = "?"
+    if hasattr(os, "getloadavg"):
+        info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def _select(contenders: list[Contender], patterns: str | None) -> list[Contender]:
+    if not patterns:
+        return contenders
+    pats = [p.strip() for p in patterns.split(",") if p.strip()]
+    return [c for c in contenders if any(fnmatch.fnmatchcase(c.name, p) for p in pats)]
+
+
+def _plan_contenders(probed: dict[str, Any], workloads: list[str], patterns: str | None,
+                     notes: list[str], skipped: list[dict[str, str]]) -> dict[str, list[Contender]]:
+    broken = probed.get("broken", {})
+    base = mlflow_contenders()
+    for b in probed["backends"]:
+        if f"backend:{b}" in broken:
+            skipped.append({"contender": f"er-{b}/*", "reason": broken[f"backend:{b}"]})
+            continue
+        for s in probed["sinks"]:
+            if f"sink:{s}" in broken:
+                skipped.append({"contender": f"er-{b}/{s}", "reason": f"sink needs options it was not given "
+                                f"(pass --sink-option {s}.KEY=VALUE): {broken[f'sink:{s}']}"})
+                continue
+            base.append(er_contender(b, s))
+    chosen = _select(base, patterns)
+    if not chosen:
+        raise SystemExit(f"mlflow-er bench: error: --contenders {patterns!r} matches none of "
+                         f"{[c.name for c in base]}")
+    plan: dict[str, list[Contender]] = {}
+    for w in workloads:
+        if w == "memory":
+            cands: list[Contender] = []
+            for c in chosen:
+                if c.kind == "er":
+                    pols = probed.get("policies", {}).get(c.backend, [])
+                    cands.extend(c.with_policy(p) for p in pols)
+                elif applies(w, c):
+                    cands.append(c)
+            for key, why in broken.items():
+                name = key.partition(":")[2]
+                if key.startswith("policy:") and name.split("[")[0] in probed.get("policies", {}):
+                    notes.append(f"memory: {name} not run: {why}")
+            plan[w] = _select(cands, patterns) if patterns else cands
+            if patterns and not plan[w]:  # e.g. --contenders er-threaded/mlflow: keep its policies
+                plan[w] = [c for c in cands if any(c.name.startswith(x.name + "[") for x in chosen)] + [
+                    c for c in cands if c.kind == "mlflow" and c in chosen]
+        else:
+            plan[w] = [c for c in chosen if applies(w, c)]
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; return 0, or 1 if a task failed, or 2 on bad usage."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown or not workloads:
+        print(f"mlflow-er bench: error: unknown workload(s) {unknown}; choose from {WORKLOADS}", file=sys.stderr)
+        return 2
+    if args.plot and (problem := report.check_plot_available()):
+        print(f"mlflow-er bench: error: {problem}", file=sys.stderr)
+        return 2
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
+    if repeat < 1:
+        print("mlflow-er bench: error: --repeat must be at least 1", file=sys.stderr)
+        return 2
+    sizes = sizes_for(args.quick, seed_epochs=args.epochs, seed_compute_s=args.compute, seed_file_mb=args.file_mb)
+    sink_opts = _options(args.sink_option, "--sink-option")
+    backend_opts = _options(args.backend_option, "--backend-option")
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    machine = _machine()
+    workdir = tempfile.mkdtemp(prefix="mlflow-er-bench-")
+    log_dir = os.path.join(workdir, "logs")
+    os.makedirs(log_dir)
+    zygote = Zygote(log_dir).start()  # imports MLflow while the store is being prepared
+    store = None
+    try:
+        progress("mlflow-er bench: " + ("starting a local mlflow server..." if args.start_server else "preparing..."))
+        store = open_store(args.tracking_uri, args.start_server, keep=args.keep, workdir=Path(workdir))
+        ctx = Context(store.uri, "", workdir, str(store.artifact_root) if store.artifact_root else None,
+                      sink_opts, backend_opts)
+        ok, probed = zygote.run(Task("setup", ctx, sizes, os.path.join(log_dir, "setup.log"), None,
+                                     store.artifact_location), 180.0)
+        if not ok:
+            print(f"mlflow-er bench: error: could not set up the store {store.describe()['uri']}:\n{probed}",
+                  file=sys.stderr)
+            return 1
+        ctx.experiment_id = probed["experiment_id"]
+        notes: list[str] = []
+        skipped: list[dict[str, str]] = []
+        plan = Plan(workloads, _plan_contenders(probed, workloads, args.contenders, notes, skipped), repeat, sizes)
+        if "memory" in workloads and plan.contenders["memory"]:
+            notes.append(f"memory: MLflow async contenders make {sizes.memory_mlflow_calls:,} calls (~100 µs each); "
+                         "'MB per 1M' extrapolates their growth linearly; its writer is stalled by patching its "
+                         "queue's log function, mlflow-er's by patching its sink's write_batch")
+        if any(c.per_call for w in ("latency", "throughput") for c in plan.contenders.get(w, [])):
+            notes.append("latency/throughput: contenders that send one request per call (mlflow-sync, "
+                         "mlflow-async, er-sync) log fewer records or stop at a time budget; rates and "
+                         "percentiles are per call, so they compare")
+        outcome = run_plan(plan, ctx, zygote, log_dir, progress, keep=args.keep)
+        summary = report.summarize(outcome.results)
+        names = {w: [c.name for c in cs] for w, cs in plan.contenders.items()}
+        doc: dict[str, Any] = {
+            "schema": SCHEMA,
+            "command": "mlflow-er bench " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": machine, "store": store.describe(),
+            "settings": {"quick": args.quick, "repeat": repeat, "workloads": workloads,
+                         "sizes": {k: v for k, v in vars(sizes).items()}},
+            "contenders": names, "skipped": skipped, "workloads": summary,
+            "ratios": report.ratios(summary), "targets": report.targets(summary, names, args.quick),
+            "errors": outcome.errors, "notes": notes, "seconds": round(time.perf_counter() - started, 1),
+        }
+        if args.keep:
+            doc["notes"].append(f"store and logs kept in {store.workdir}")
+        if args.json:
+            print(json.dumps(doc, indent=2, sort_keys=False))
+        else:
+            print(report.text_report(doc))
+        if args.plot:
+            report.plot(doc, args.plot)
+            progress(f"plot saved to {args.plot}")
+        return 1 if outcome.errors else 0
+    finally:
+        zygote.close()
+        if store is not None:
+            store.close()
+        elif not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
