@@ -1,7 +1,9 @@
 """Artifact snapshots and rendering.
 
-A log call snapshots the file at call time (a hard link when the spool folder is on the
-same filesystem, else a copy), so the caller may overwrite or delete it at once. Content
+A log call snapshots the file at call time so the caller may overwrite or delete it at
+once: a copy-on-write clone where the filesystem has one, else a copy for files up to
+``MLFLOW_ER_COPY_LIMIT_MB`` (16 MB), else a hard link whose identity is checked before
+upload (an in-place rewrite is reported, never uploaded as if it were the logged file). Content
 that must be rendered (an image array, a dict, a text) is copied in the caller and
 rendered into a file by the writer, off the caller's thread.
 """
@@ -15,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidRecord
+from .errors import InvalidRecord, MlflowErError
 
 
 def staging_root() -> Path:
@@ -25,31 +27,96 @@ def staging_root() -> Path:
     return root
 
 
-def snapshot(local_path: str | os.PathLike[str]) -> tuple[str, bool, int]:
-    """Freeze ``local_path`` as it is now. Returns ``(snapshot_path, is_dir, size_bytes)``."""
+#: Files up to this size are copied at call time (a true snapshot); bigger ones are hard
+#: linked when possible, and an in-place rewrite before upload is detected and reported.
+COPY_LIMIT = int(float(os.environ.get("MLFLOW_ER_COPY_LIMIT_MB", "16")) * 2**20)
+_FICLONE = 0x40049409  # Linux ioctl: copy-on-write clone (btrfs, xfs); instant and safe
+
+
+class SnapshotChanged(MlflowErError):
+    """A hard-linked artifact snapshot no longer holds the content it had at the log call."""
+
+
+def snapshot(local_path: str | os.PathLike[str]) -> tuple[str, bool, int, tuple | None]:
+    """Freeze ``local_path`` as it is now.
+
+    Returns ``(snapshot_path, is_dir, size_bytes, fingerprint)``; ``fingerprint`` is set
+    when some file was hard linked rather than copied, for :func:`verify` before upload.
+    """
     src = Path(local_path)
     if not src.exists():
         raise InvalidRecord("artifact local_path", f"{str(src)!r} does not exist")
     holder = Path(tempfile.mkdtemp(prefix="snap-", dir=staging_root()))
     dst = holder / src.name
-    if src.is_dir():
-        # copytree with a link-or-copy function keeps big files cheap to snapshot
-        shutil.copytree(src, dst, copy_function=_link_or_copy)
+    linked: list[tuple[str, int, int, int]] = []
+    is_dir = src.is_dir()
+
+    def take(s: str, d: str) -> str:
+        fp = _snapshot_file(s, d)
+        if fp is not None:
+            linked.append((os.path.relpath(d, dst) if is_dir else "", *fp))
+        return d
+
+    if is_dir:
+        shutil.copytree(src, dst, copy_function=take)
         size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
-        return str(dst), True, size
-    _link_or_copy(str(src), str(dst))
-    return str(dst), False, dst.stat().st_size
+    else:
+        take(str(src), str(dst))
+        size = dst.stat().st_size
+    return str(dst), is_dir, size, tuple(linked) or None
+
+
+def _snapshot_file(src: str, dst: str) -> tuple[int, int, int] | None:
+    """Clone, copy or (big files) hard-link ``src`` to ``dst``; return a fingerprint if linked."""
+    if _reflink(src, dst):
+        return None
+    if os.stat(src).st_size > COPY_LIMIT:
+        try:
+            # Copying a GB checkpoint would block the caller for seconds. A hard link is
+            # instant and survives delete and write-new-then-rename; an in-place rewrite
+            # (open(path, "wb"), np.save to the same path) changes it: verify() catches that.
+            os.link(src, dst)
+            st = os.stat(dst)
+            return st.st_ino, st.st_size, st.st_mtime_ns
+        except OSError:
+            pass  # another filesystem, or links not allowed: copy
+    shutil.copyfile(src, dst)  # sendfile/copy_file_range: an in-kernel copy on Linux
+    return None
 
 
 def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        # A hard link shares the inode, so it is only a snapshot if the writer replaces
-        # the file (write-new-then-rename, as np.save/torch.save do) rather than editing
-        # it in place; copying would cost seconds for a GB file on the caller's thread.
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    """``copy_function`` for ``shutil.copytree`` with the same rules as :func:`snapshot`."""
+    _snapshot_file(src, dst)
     return dst
+
+
+def _reflink(src: str, dst: str) -> bool:
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        with open(src, "rb") as fs, open(dst, "wb") as fd:
+            fcntl.ioctl(fd.fileno(), _FICLONE, fs.fileno())
+        return True
+    except OSError:
+        try:
+            os.unlink(dst)
+        except OSError:
+            pass
+        return False
+
+
+def verify(local_path: str, is_dir: bool, fingerprint: tuple | None) -> None:
+    """Raise :class:`SnapshotChanged` if a hard-linked snapshot was rewritten since the log call."""
+    for rel, ino, size, mtime in fingerprint or ():
+        path = os.path.join(local_path, rel) if is_dir else local_path
+        st = os.stat(path)
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime):
+            raise SnapshotChanged(
+                f"{path!r} was rewritten in place after it was logged; files over MLFLOW_ER_COPY_LIMIT_MB "
+                f"({COPY_LIMIT >> 20} MB) are hard-linked, not copied: save each checkpoint to a new file "
+                "(or write elsewhere and rename over it), or raise MLFLOW_ER_COPY_LIMIT_MB")
 
 
 def discard(path: str | None) -> None:

@@ -65,6 +65,7 @@ class Artifact(NamedTuple):
     payload: tuple[str, Any] | None = None
     name: str | None = None
     size: int = 0
+    fingerprint: tuple | None = None  # set when the snapshot is a hard link (see artifacts.verify)
 
 
 Record = Metric | Param | Tag | Artifact

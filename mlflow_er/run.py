@@ -56,6 +56,7 @@ class Run:
         self._params: dict[str, str] = dict(params or {})
         self._lat = array("q", bytes(8 * _LAT_SLOTS))
         self._calls = itertools.count()
+        self._snapshots = getattr(backend, "snapshots", True)
 
     # -- MLflow-like read access ---------------------------------------------------------
     @property
@@ -156,20 +157,32 @@ class Run:
     def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Upload a file; it is snapshotted now, so the caller may change or delete it at once."""
         dest = check_artifact_path(artifact_path)
-        snap, is_dir, size = artifacts.snapshot(local_path)
-        if is_dir:
+        if os.path.isdir(local_path):
             raise InvalidRecord("artifact local_path", f"{str(local_path)!r} is a directory; use log_artifacts")
+        if not os.path.exists(local_path):
+            raise InvalidRecord("artifact local_path", f"{str(local_path)!r} does not exist")
+        name = os.path.basename(os.fspath(local_path))
+        if not self._snapshots:
+            self._submit(Artifact(self.run_id, os.fspath(local_path), dest, time.time_ns() // 1_000_000,
+                                  next(self._seq), False, False, None, name, os.path.getsize(local_path)))
+            return
+        snap, _, size, fp = artifacts.snapshot(local_path)
         self._submit(Artifact(self.run_id, snap, dest, time.time_ns() // 1_000_000, next(self._seq), True,
-                              False, None, os.path.basename(os.fspath(local_path)), size))
+                              False, None, name, size, fp))
 
     def log_artifacts(self, local_dir: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Upload the contents of a directory (snapshotted now)."""
         dest = check_artifact_path(artifact_path)
-        snap, is_dir, size = artifacts.snapshot(local_dir)
-        if not is_dir:
+        if not os.path.isdir(local_dir):
             raise InvalidRecord("artifact local_dir", f"{str(local_dir)!r} is not a directory")
+        name = os.path.basename(os.fspath(local_dir))
+        if not self._snapshots:
+            self._submit(Artifact(self.run_id, os.fspath(local_dir), dest, time.time_ns() // 1_000_000,
+                                  next(self._seq), False, True, None, name, 0))
+            return
+        snap, _, size, fp = artifacts.snapshot(local_dir)
         self._submit(Artifact(self.run_id, snap, dest, time.time_ns() // 1_000_000, next(self._seq), True,
-                              True, None, os.path.basename(os.fspath(local_dir)), size))
+                              True, None, name, size, fp))
 
     def _payload(self, kind: str, content: Any, artifact_file: str) -> None:
         if not isinstance(artifact_file, str) or not artifact_file or artifact_file.endswith("/"):

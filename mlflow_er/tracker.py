@@ -17,7 +17,7 @@ from mlflow.entities import LifecycleStage
 
 from . import plugins
 from .backends.base import Backend
-from .errors import DeliveryError, MlflowErError, Terminated, TrackingUnavailable
+from .errors import DeliveryError, FailedRecord, MlflowErError, Terminated, TrackingUnavailable
 from .hookspecs import SinkContext
 from .jobs import JobRunner
 from .run import Run
@@ -86,15 +86,17 @@ class ExperimentTracker:
     ``tracking_uri``, ``artifact_location``, ``create_new``, ``**experiment_tags`` — plus
     ``backend`` (a name such as ``"sync"``/``"threaded"`` or a :class:`Backend` instance;
     ``MLFLOW_ER_BACKEND`` sets the default), ``sinks`` (names or :class:`Sink` instances;
-    ``MLFLOW_ER_SINKS`` sets the default, comma-separated), ``sink_options`` (per sink
-    name, a dict of options) and ``close_timeout`` (seconds a run's end may wait for
+    ``MLFLOW_ER_SINKS`` sets the default, comma-separated), ``backend_options`` (keyword
+    arguments for a backend chosen by name), ``sink_options`` (per sink name, a dict of
+    options) and ``close_timeout`` (seconds a run's end may wait for
     delivery).
     """
 
     def __init__(self, experiment_name: str | None = None, experiment_id: str | None = None,
                  tracking_uri: str | None = None, artifact_location: str | None = None, create_new: bool = True,
                  *, backend: str | Backend | None = None, sinks: Sequence[str | Sink] | str | None = None,
-                 sink_options: dict[str, dict[str, Any]] | None = None, close_timeout: float | None = 300.0,
+                 backend_options: dict[str, Any] | None = None, sink_options: dict[str, dict[str, Any]] | None = None,
+                 close_timeout: float | None = 300.0,
                  **experiment_tags: Any):
         self.background_workers: dict[str, Any] = {}  # the seed exposed this attribute
         uri = normalize_tracking_uri(tracking_uri)
@@ -113,8 +115,10 @@ class ExperimentTracker:
         if self._experiment is None:
             raise MlflowErError("no plugin resolved the experiment")
         self.git_commit = (self._experiment.tags or {}).get("git_commit", commit)
-        self._backend = self._build_backend(backend)
+        self._backend = self._build_backend(backend, backend_options or {})
+        self._sink_spec = (sinks, sink_options or {})
         self._sinks = self._build_sinks(sinks, sink_options or {})
+        self._sinks_closed = False
         self._open_runs = 0
         self._jobs = JobRunner()
         self._active: list[Run] = []
@@ -122,11 +126,11 @@ class ExperimentTracker:
 
     # -- strategies ------------------------------------------------------------------------
     @staticmethod
-    def _build_backend(backend: str | Backend | None) -> Backend:
+    def _build_backend(backend: str | Backend | None, options: dict[str, Any]) -> Backend:
         if isinstance(backend, Backend):
             return backend
         name = backend or os.environ.get("MLFLOW_ER_BACKEND") or DEFAULT_BACKEND
-        return plugins.make_backend(name.strip())
+        return plugins.make_backend(name.strip(), **options)
 
     def _build_sinks(self, sinks: Sequence[str | Sink] | str | None, options: dict[str, dict]) -> list[Sink]:
         if sinks is None:
@@ -254,6 +258,9 @@ class ExperimentTracker:
         active = mlflow.start_run(run_id=rid, nested=nested, tags=tags or None, description=description)
         params = active.data.params if active.data else {}
         if self._open_runs == 0:
+            if self._sinks_closed:  # the previous outermost run closed the sinks built by name
+                self._sinks = self._build_sinks(*self._sink_spec)
+                self._sinks_closed = False
             self._backend.open(self._sinks)
         self._open_runs += 1
         handle = Run(rid, self._backend, self.client, params, tracker=self)
@@ -272,6 +279,19 @@ class ExperimentTracker:
             self._active.pop()
             self._finish(handle, status, block_error)
 
+    def _close_own_sinks(self) -> list[FailedRecord]:
+        """Close the sinks this tracker built by name (instances passed in belong to the caller)."""
+        own = {id(s) for s in self._sinks} - {id(s) for s in (self._sink_spec[0] or ()) if isinstance(s, Sink)}
+        failed = []
+        for sink in self._sinks:
+            if id(sink) in own:
+                try:
+                    sink.close()
+                except Exception as exc:
+                    failed.append(FailedRecord("sink", sink.name, f"close failed: {type(exc).__name__}: {exc}"))
+        self._sinks_closed = True
+        return failed
+
     def _finish(self, handle: Run, status: str, block_error: BaseException | None) -> None:
         failures = self._jobs.join_all(self.close_timeout)
         self._open_runs -= 1
@@ -283,6 +303,8 @@ class ExperimentTracker:
                 self._backend.flush(self.close_timeout)
         except DeliveryError as exc:
             problem = exc
+        if self._open_runs == 0:
+            failures += self._close_own_sinks()
         current = mlflow.active_run()
         if current is not None and current.info.run_id == handle.run_id:
             mlflow.end_run(status)

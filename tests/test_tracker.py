@@ -36,6 +36,7 @@ class DeferredBackend(SyncBackend):
     """Holds records until flush/close, so artifact snapshots are uploaded *after* the call returned."""
 
     name = "deferred"
+    snapshots = True  # it uploads after the call returns, so files must be snapshotted
 
     def __init__(self) -> None:
         super().__init__(retry_deadline=1.0)

@@ -23,6 +23,9 @@ class Backend:
 
     #: The name users type to select the backend (the entry-point name).
     name: str = "backend"
+    #: Whether log_artifact must snapshot files at call time. A backend that uploads before
+    #: the log call returns (``sync``) sets this False and saves the copy.
+    snapshots: bool = True
 
     def open(self, sinks: Sequence[Sink]) -> None:
         """Attach the sinks records go to. Called by the tracker before the first submit."""
@@ -52,8 +55,10 @@ class Backend:
 
 
 def materialize(artifact: Artifact) -> Artifact:
-    """Render a payload artifact (image, dict, text) into a staging file the sinks can read."""
+    """Make an artifact ready to upload: render a payload into a file, check a linked snapshot."""
     if artifact.payload is None:
+        if artifact.fingerprint and artifact.local_path:
+            artifacts.verify(artifact.local_path, artifact.is_dir, artifact.fingerprint)
         return artifact
     kind, content = artifact.payload
     path = artifacts.render(kind, content, artifact.name or "artifact")

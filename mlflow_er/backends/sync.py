@@ -30,6 +30,7 @@ class SyncBackend(Backend):
     """
 
     name = NAME
+    snapshots = False  # uploaded before the call returns: nothing can change under us
 
     def __init__(self, retry_deadline: float = 60.0):
         self.policy = RetryPolicy(deadline=retry_deadline)

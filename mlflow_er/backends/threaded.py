@@ -246,6 +246,8 @@ class ThreadedBackend(Backend):
         finally:
             self._inflight = 0
             self._inflight_oldest = None
+        if markers:
+            self._flush_sinks()
         for m in markers:
             self._art_q.append(m)  # the uploader releases it after earlier artifacts
             self._art_wake.set()
@@ -269,6 +271,16 @@ class ThreadedBackend(Backend):
                     if failed:
                         with self._lock:
                             self._failures.extend(failed)
+
+    def _flush_sinks(self) -> None:
+        """``Sink.flush`` on every sink: the durability point of ``flush()`` (e.g. the spool's fsync)."""
+        for d in self._deliverers:
+            try:
+                d.sink.flush()
+            except Exception as exc:  # a third-party sink may raise anything
+                with self._lock:
+                    self._failures.append(FailedRecord("sink", d.sink.name,
+                                                       f"flush failed: {type(exc).__name__}: {exc}"))
 
     def _uploader_main(self) -> None:
         try:
@@ -299,7 +311,7 @@ class ThreadedBackend(Backend):
         try:
             ready = materialize(art)
         except Exception as exc:
-            fail = FailedRecord("artifact", art.name or "?", f"could not render: {exc}", art.run_id)
+            fail = FailedRecord("artifact", art.name or "?", f"not uploaded: {exc}", art.run_id)
             with self._lock:
                 self._failures.append(fail)
                 self._stats.failed += 1

@@ -83,7 +83,11 @@ class MlflowSink(Sink):
         try:
             self.client.log_batch(batch.run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
         except MlflowException as exc:
-            raise classify_mlflow_exception(exc) from exc
+            err = classify_mlflow_exception(exc)
+            # A local store reports a bad row (e.g. an int too large for SQLite) as
+            # INTERNAL_ERROR too; only lock contention is worth retrying there.
+            err.transient = _looks_transient(exc)
+            raise err from exc
         except Exception as exc:  # e.g. sqlite "database is locked" surfacing raw
             raise SinkError(f"{type(exc).__name__}: {exc}", transient=_looks_transient(exc)) from exc
 
@@ -141,7 +145,8 @@ def _looks_transient(exc: BaseException) -> bool:
     if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
         return True
     text = str(exc).lower()
-    return "database is locked" in text or "timed out" in text or "connection" in text
+    return any(w in text for w in ("database is locked", "database is busy", "timed out", "connection refused",
+                                   "connection reset", "could not connect", "too many connections"))
 
 
 def _redact(uri: str) -> str:
