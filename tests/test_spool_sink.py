@@ -222,3 +222,17 @@ def test_moto_stopped_mid_upload_then_restarted(tmp_path: Path, tracking_uri: st
         if restarted is not None:
             restarted.stop()
         moto.stop()
+
+
+def test_offline_resolvers_answer_only_without_a_client(tracking_uri: str) -> None:
+    hook = plugins.get_plugin_manager().hook
+    exp = hook.mlflow_er_resolve_experiment(client=None, experiment_name="offline", experiment_id=None,
+                                            artifact_location=None, create_new=True, tags={"git_commit": "abc"})
+    assert exp.name == "offline" and exp.tags == {"git_commit": "abc"}
+    rid = hook.mlflow_er_resolve_run(client=None, experiment_id="", run_name="r", run_id=None, description=None,
+                                     parent_run_id=None, tags={})
+    assert len(rid) == 32 and int(rid, 16) >= 0
+    client = MlflowClient(tracking_uri)
+    online = hook.mlflow_er_resolve_experiment(client=client, experiment_name="online", experiment_id=None,
+                                               artifact_location=None, create_new=True, tags={})
+    assert online.experiment_id == client.get_experiment_by_name("online").experiment_id  # the built-in did it

@@ -235,6 +235,38 @@ class SpoolSink(Sink):
         return f"<SpoolSink {str(self.path)!r}{dest}>"
 
 
+# -- offline resolution (a tracker with only spool sinks never contacts a server) ----------------
+def offline_experiment(experiment_name: str | None, experiment_id: str | None = None,
+                       tags: dict[str, str] | None = None) -> Any:
+    """An ``mlflow.entities.Experiment`` made up locally; ``mlflow-er sync`` finds or creates it by name."""
+    from mlflow.entities import Experiment, ExperimentTag, LifecycleStage
+
+    now = time.time_ns() // 1_000_000
+    return Experiment(experiment_id=str(experiment_id) if experiment_id is not None else "",
+                      name=experiment_name or "Default", artifact_location="",
+                      lifecycle_stage=LifecycleStage.ACTIVE,
+                      tags=[ExperimentTag(k, str(v)) for k, v in (tags or {}).items()],
+                      creation_time=now, last_update_time=now)
+
+
+@hookimpl(tryfirst=True)
+def mlflow_er_resolve_experiment(client: Any, experiment_name: str | None, experiment_id: str | None,
+                                 artifact_location: str | None, create_new: bool, tags: dict[str, str]) -> Any:
+    """Offline (the tracker passes ``client=None``): a local experiment; online: defer to the others."""
+    if client is not None:
+        return None
+    return offline_experiment(experiment_name, experiment_id, tags)
+
+
+@hookimpl(tryfirst=True)
+def mlflow_er_resolve_run(client: Any, experiment_id: str, run_name: str | None, run_id: str | None,
+                          description: str | None, parent_run_id: str | None, tags: dict[str, str]) -> str | None:
+    """Offline (``client=None``): the given run id (resume) or a new MLflow-style id; online: defer."""
+    if client is not None:
+        return None
+    return run_id or uuid.uuid4().hex
+
+
 # -- plugin hooks ------------------------------------------------------------------------------
 @hookimpl
 def mlflow_er_sink_names() -> list[str]:

@@ -33,9 +33,10 @@ with the same ``run_id``, ``timestamp`` and ``seq``.
 from __future__ import annotations
 
 from .errors import SpoolDiskFull, SpoolError, SpoolUploadError, SpoolWriteError, SyncError
+from .files import recover_segments
 from .format import RunInfo
 from .reader import Gap, Position, Segment, SpoolReader, SpoolWarning
-from .writer import SpoolWriter, recover_segments
+from .writer import SpoolWriter
 
 __all__ = [
     "Gap", "Position", "RunInfo", "Segment", "SpoolDiskFull", "SpoolError", "SpoolReader", "SpoolUploadError",

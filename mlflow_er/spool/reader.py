@@ -96,6 +96,8 @@ def list_segments(fs: Any, root: str) -> list[Segment]:
     for e in entries:
         path = e["name"]
         fname = path.rsplit("/", 1)[-1]
+        if fname.startswith("."):
+            continue  # a segment being created, or an upload's temporary name
         for suffix, sealed in ((SEALED_SUFFIX, True), (OPEN_SUFFIX, False)):
             if fname.endswith(suffix) and e.get("type", "file") == "file":
                 stem = fname[: -len(suffix)]

@@ -281,9 +281,20 @@ class Replayer:
             exp_id = exp.experiment_id if exp is not None else \
                 self._call("create experiment", self.client.create_experiment, name)
         else:
-            exp_id = "0"  # a spool that names no experiment (e.g. spill) goes to MLflow's default one
+            exp_id = self._experiment_by_id(header.get("experiment_id"))
         self._experiments[name] = exp_id
         return exp_id
+
+    def _experiment_by_id(self, experiment_id: Any) -> str:
+        """A spool that names no experiment (e.g. spill): its id if the server has it, else the default one."""
+        from mlflow.exceptions import MlflowException
+
+        if experiment_id:
+            try:
+                return self._call("find experiment", self.client.get_experiment, str(experiment_id)).experiment_id
+            except MlflowException:
+                pass
+        return "0"
 
     def _target_run(self, orig: str, header: dict[str, Any], first_ts: int) -> str:
         if orig in self._runs:

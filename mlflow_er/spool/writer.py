@@ -11,8 +11,8 @@ the caller, so the file never holds half a record the writer did not warn about.
 
 Sealing (by size, by age, on :meth:`rotate` or :meth:`close`) fsyncs the segment, renames
 it to ``.seg`` and fsyncs the folder: a sealed segment is complete and immutable, which is
-what the uploader ships. :func:`recover` seals the segments of writers that died (their
-lock is free), cutting a torn tail first.
+what the uploader ships. :func:`~mlflow_er.spool.files.recover_segments` seals the
+segments of writers that died (their lock is free), cutting a torn tail first.
 """
 
 from __future__ import annotations
@@ -29,31 +29,14 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import SpoolError, SpoolWriteError, write_error
-from .format import (
-    OPEN_SUFFIX,
-    SEALED_SUFFIX,
-    SEGMENTS_DIR,
-    Damage,
-    Encoder,
-    Frame,
-    SpoolRecord,
-    decode_header,
-    encode_header,
-    scan,
-    segment_name,
-)
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no flock, so no crash recovery of others' segments
-    fcntl = None  # type: ignore[assignment]
+from .files import O_CLOEXEC, TMP_PREFIX, fsync_dir, make_spool_dir, recover_segments, try_lock
+from .format import OPEN_SUFFIX, SEALED_SUFFIX, Encoder, SpoolRecord, encode_header, segment_name
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FSYNC_INTERVAL = 0.005
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_SEGMENT_AGE = 300.0
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 _live_writers: weakref.WeakSet[SpoolWriter] = weakref.WeakSet()
@@ -73,42 +56,6 @@ if hasattr(os, "register_at_fork"):
 def new_writer_id() -> str:
     """A writer id that sorts by creation time (ms) and is unique across hosts."""
     return f"{time.time_ns() // 1_000_000:013d}-{uuid.uuid4().hex[:12]}"
-
-
-def _fsync_dir(path: Path) -> None:
-    # A new or renamed file is only durable once its folder entry is.
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the file itself is synced
-    finally:
-        os.close(fd)
-
-
-def _try_lock(fd: int) -> bool:
-    if fcntl is None:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-
-
-def make_spool_dir(root: Path) -> Path:
-    """Create ``root`` and its segment folder, private to the user (``0700``)."""
-    seg = root / SEGMENTS_DIR
-    seg.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for p in (root, seg):
-        try:
-            os.chmod(p, 0o700)
-        except OSError:
-            pass
-    return seg
 
 
 class SpoolWriter:
@@ -277,23 +224,28 @@ class SpoolWriter:
         return self.segment_age is not None and time.monotonic() - self._opened_at > self.segment_age
 
     def _open_locked(self, run_id: str | None) -> None:
-        path = self._seg_dir / (segment_name(self.writer_id, self._index) + OPEN_SUFFIX)
+        name = segment_name(self.writer_id, self._index)
+        path = self._seg_dir / (name + OPEN_SUFFIX)
+        # Made under a name recovery ignores, locked, then renamed: a recovering process can
+        # never find this writer's segment unlocked and mistake it for a dead writer's.
+        tmp = self._seg_dir / (TMP_PREFIX + name + OPEN_SUFFIX)
         header = encode_header({**self._meta, "segment": self._index, "run_id": run_id,
                                 "created_ms": time.time_ns() // 1_000_000})
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | _O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise write_error(exc, str(path), "create") from exc
+            raise write_error(exc, str(tmp), "create") from exc
         try:
-            _try_lock(fd)
+            try_lock(fd)
             done = 0
             while done < len(header):
                 done += os.write(fd, header[done:])
+            os.rename(tmp, path)
         except OSError as exc:
             os.close(fd)
-            path.unlink(missing_ok=True)  # a segment without a whole header holds nothing
+            tmp.unlink(missing_ok=True)  # a segment without a whole header holds nothing
             raise write_error(exc, str(path), "write") from exc
-        _fsync_dir(self._seg_dir)
+        fsync_dir(self._seg_dir)
         self._fd, self._path = fd, path
         self._offset = self._data_start = len(header)
         self._opened_at = time.monotonic()
@@ -342,7 +294,7 @@ class SpoolWriter:
             path.unlink(missing_ok=True)  # header only: nothing to ship
             sealed = None
         os.close(fd)
-        _fsync_dir(self._seg_dir)
+        fsync_dir(self._seg_dir)
         self._fd = self._path = None
         self._index += 1
         if sealed is not None:
@@ -407,53 +359,3 @@ class SpoolWriter:
                     return  # kept in self._error; the next append or flush raises it
         if sealed is not None:
             self._sealed_hook(sealed)
-
-
-def recover_segments(root: str | os.PathLike[str]) -> list[Path]:
-    """Seal every ``.open`` segment under ``root`` whose writer is gone; return the sealed paths.
-
-    A segment whose lock can be taken has no live writer. A torn tail (a write cut short
-    by the crash) is cut off first; it held no acknowledged record, since a record is
-    acknowledged only once its whole frame was written and fsynced. A segment with no
-    complete record is removed.
-    """
-    seg_dir = Path(root) / SEGMENTS_DIR
-    out: list[Path] = []
-    if fcntl is None or not seg_dir.is_dir():
-        return out
-    for path in sorted(seg_dir.glob("*" + OPEN_SUFFIX)):
-        try:
-            fd = os.open(path, os.O_RDWR | _O_CLOEXEC)
-        except OSError:
-            continue  # sealed or removed meanwhile
-        try:
-            if not _try_lock(fd) or not path.exists():
-                continue
-            data = path.read_bytes()
-            _header, start, _problem = decode_header(data)
-            frames, cut = 0, None
-            for item in scan(data, start):
-                if type(item) is Frame:
-                    frames += 1
-                elif type(item) is Damage and item.torn:
-                    cut = item.start
-            if frames == 0:
-                path.unlink()
-                log.info("spool: removed %s (no complete record)", path.name)
-                continue
-            if cut is not None:
-                os.ftruncate(fd, cut)
-                log.warning("spool: cut a torn tail of %d bytes from %s (a writer died mid-write)",
-                            len(data) - cut, path.name)
-            os.fsync(fd)
-            sealed = path.with_suffix(SEALED_SUFFIX)
-            os.rename(path, sealed)
-            out.append(sealed)
-            log.info("spool: sealed %s left open by a writer that is gone", sealed.name)
-        except OSError as exc:
-            log.warning("spool: could not recover %s: %s", path, exc)
-        finally:
-            os.close(fd)
-    if out:
-        _fsync_dir(seg_dir)
-    return out

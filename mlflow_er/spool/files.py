@@ -1,0 +1,115 @@
+"""Durable file operations of a spool folder: private folders, locks, folder fsync, crash recovery.
+
+A live writer holds an exclusive ``flock`` on its open segment for as long as it lives;
+the kernel drops it when the process dies, however it dies. That is how another process
+tells a crashed writer's segment (safe to seal) from a live one (never touched).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .format import OPEN_SUFFIX, SEALED_SUFFIX, SEGMENTS_DIR, Damage, Frame, decode_header, scan
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock, so no recovery of other writers' segments
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+#: A segment being created: not yet locked and named, so recovery leaves it alone.
+TMP_PREFIX = ".new-"
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a folder: a new or renamed file is only durable once its folder entry is."""
+    try:
+        fd = os.open(path, os.O_RDONLY | O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder; the file itself is synced
+    finally:
+        os.close(fd)
+
+
+def try_lock(fd: int) -> bool:
+    """Take the exclusive lock of a segment without waiting; False if a live writer holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def make_spool_dir(root: Path) -> Path:
+    """Create ``root`` and its segment folder, private to the user (``0700``); return the latter."""
+    seg = root / SEGMENTS_DIR
+    seg.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for p in (root, seg):
+        try:
+            os.chmod(p, 0o700)
+        except OSError:
+            pass
+    return seg
+
+
+def recover_segments(root: str | os.PathLike[str]) -> list[Path]:
+    """Seal every ``.open`` segment under ``root`` whose writer is gone; return the sealed paths.
+
+    A segment whose lock can be taken has no live writer. A torn tail (a write cut short
+    by the crash) is cut off first; it held no acknowledged record, since a record is
+    acknowledged only once its whole frame was written and fsynced. A segment with no
+    complete record is removed.
+    """
+    seg_dir = Path(root) / SEGMENTS_DIR
+    out: list[Path] = []
+    if fcntl is None or not seg_dir.is_dir():
+        return out
+    for path in sorted(seg_dir.glob("*" + OPEN_SUFFIX)):
+        try:
+            fd = os.open(path, os.O_RDWR | O_CLOEXEC)
+        except OSError:
+            continue  # sealed or removed meanwhile
+        try:
+            if not try_lock(fd) or not path.exists():
+                continue
+            if path.name.startswith(TMP_PREFIX):
+                path.unlink()  # its writer died while creating it: a header at most
+                continue
+            data = path.read_bytes()
+            _header, start, _problem = decode_header(data)
+            frames, cut = 0, None
+            for item in scan(data, start):
+                if type(item) is Frame:
+                    frames += 1
+                elif type(item) is Damage and item.torn:
+                    cut = item.start
+            if frames == 0:
+                path.unlink()
+                log.info("spool: removed %s (no complete record)", path.name)
+                continue
+            if cut is not None:
+                os.ftruncate(fd, cut)
+                log.warning("spool: cut a torn tail of %d bytes from %s (a writer died mid-write)",
+                            len(data) - cut, path.name)
+            os.fsync(fd)
+            sealed = path.with_suffix(SEALED_SUFFIX)
+            os.rename(path, sealed)
+            out.append(sealed)
+            log.info("spool: sealed %s left open by a writer that is gone", sealed.name)
+        except OSError as exc:
+            log.warning("spool: could not recover %s: %s", path, exc)
+        finally:
+            os.close(fd)
+    if out:
+        fsync_dir(seg_dir)
+    return out
