@@ -69,6 +69,20 @@ class FailedRecord:
         return f"{self.kind} {self.key!r}{run}: {self.reason}"
 
 
+def summarize(failed: Sequence[FailedRecord], limit: int = 20) -> str:
+    """One line per distinct (kind, key, run, reason), with a count: 500 equal failures read as one."""
+    groups: dict[tuple[str, str, str | None, str], int] = {}
+    for f in failed:
+        k = (f.kind, f.key, f.run_id, f.reason)
+        groups[k] = groups.get(k, 0) + 1
+    lines = []
+    for (kind, key, run_id, reason), n in list(groups.items())[:limit]:
+        run = f" run={run_id}" if run_id else ""
+        lines.append(f"{kind} {key!r}{run}{f' x{n}' if n > 1 else ''}: {reason}")
+    more = f" (+{len(groups) - limit} more kinds of failure)" if len(groups) > limit else ""
+    return "; ".join(lines) + more
+
+
 class DeliveryError(MlflowErError):
     """Raised by ``flush()``/``close()`` (or at once by the sync backend) for records not delivered.
 
@@ -82,9 +96,7 @@ class DeliveryError(MlflowErError):
         if message is None:
             parts = []
             if self.failed:
-                shown = "; ".join(str(f) for f in self.failed[:20])
-                more = f" (+{len(self.failed) - 20} more)" if len(self.failed) > 20 else ""
-                parts.append(f"{len(self.failed)} record(s) failed: {shown}{more}")
+                parts.append(f"{len(self.failed)} record(s) failed: {summarize(self.failed)}")
             if unsent:
                 parts.append(f"{unsent} record(s) still unsent")
             message = "; ".join(parts) or "delivery failed"

@@ -84,7 +84,9 @@ class ThreadedBackend(Backend):
     def _init_state(self) -> None:
         """Fresh queue, locks and counters (at construction and in a forked child)."""
         self._buf: deque[Any] = deque()
-        self._kick_at = MAX_METRICS_PER_BATCH  # wake the writer early once a full batch waits
+        # Wake the writer early once a full batch waits, or the buffer is full, whichever first.
+        self._kick_default = min(MAX_METRICS_PER_BATCH, self.max_queue)
+        self._kick_at = self._kick_default
         self._lock = threading.Lock()
         self._not_full = threading.Condition(self._lock)
         self._waiters = 0
@@ -148,7 +150,7 @@ class ThreadedBackend(Backend):
 
     def _kick(self) -> None:
         if self._kick_at == 0:
-            self._kick_at = MAX_METRICS_PER_BATCH
+            self._kick_at = self._kick_default
             self._ensure_threads()
         self._wake.set()
 
@@ -170,6 +172,7 @@ class ThreadedBackend(Backend):
         """Apply ``on_full`` with the lock held. False means the record was dropped."""
         if self._fatal is not None or (self._writer is not None and not self._writer.is_alive()):
             raise BackendClosed(f"the writer thread is not running ({self._fatal!r}); nothing more can be sent")
+        self._wake.set()  # a full buffer is the writer's business now, whatever the policy
         if self.on_full == "drop":
             self._stats.dropped[reason] += 1
             if not self._warned_drop:
@@ -204,7 +207,9 @@ class ThreadedBackend(Backend):
                     continue
                 oldest = self._buf[0]
                 oldest = oldest[0] if type(oldest) is tuple else oldest
-                if len(self._buf) < MAX_METRICS_PER_BATCH and not self._closing and not self._markers:
+                # Linger (to coalesce) only while no batch is full, nothing waits for room
+                # and no flush is pending.
+                if len(self._buf) < self._kick_default and not self._closing and not self._markers:
                     age = time.time() - getattr(oldest, "timestamp", 0) / 1000
                     if 0 <= age < self.flush_interval:
                         self._wake.wait(self.flush_interval - age)
@@ -269,8 +274,17 @@ class ThreadedBackend(Backend):
                 for d in self._deliverers:
                     failed = d.deliver(batch)
                     if failed:
-                        with self._lock:
-                            self._failures.extend(failed)
+                        self._record_failures(failed)
+
+    def _record_failures(self, failed: list[FailedRecord]) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                # close() gave up on these and already reported them as unsent: count them
+                # once, as dropped at close, instead of reporting them again as failed.
+                self._stats.dropped["unsent_at_close"] += len(failed)
+                self._stats.failed -= len(failed)
+            else:
+                self._failures.extend(failed)
 
     def _flush_sinks(self) -> None:
         """``Sink.flush`` on every sink: the durability point of ``flush()`` (e.g. the spool's fsync)."""
@@ -326,8 +340,7 @@ class ThreadedBackend(Backend):
             for d in self._deliverers:
                 failed = d.deliver_artifact(ready)
                 if failed:
-                    with self._lock:
-                        self._failures.extend(failed)
+                    self._record_failures(failed)
         finally:
             if ready.owned:
                 artifacts.discard(ready.local_path)

@@ -5,7 +5,9 @@ A sink is told to write a :class:`~mlflow_er.records.Batch` (one run, within MLf
 already snapshotted). It raises on failure: a :class:`~mlflow_er.errors.SinkError` with
 ``transient=True`` when retrying may help (the backend retries with backoff), anything
 else is taken as permanent (the backend bisects the batch to find the bad record).
-Backends call a sink from one thread at a time.
+A backend calls ``write_batch`` from one thread at a time and ``write_artifact`` from
+one thread at a time, but the two may run concurrently (the threaded backend uploads
+artifacts on their own thread so a large file does not hold metrics back).
 """
 
 from __future__ import annotations
