@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .format import (
+    HEADER,
+    MAX_HEADER,
     OPEN_SUFFIX,
     SEALED_SUFFIX,
     SEGMENTS_DIR,
@@ -131,7 +133,7 @@ class SpoolReader:
         return list_segments(self.fs, self.root)
 
     # -- reading ---------------------------------------------------------------------------
-    def _read(self, seg: Segment, start: int) -> tuple[bytes, Segment]:
+    def _read(self, seg: Segment, start: int, limit: int = -1) -> tuple[bytes, Segment]:
         candidates = [seg]
         if not seg.sealed:  # it may have been sealed (renamed) since it was listed
             candidates.append(Segment(seg.name, seg.path[: -len(OPEN_SUFFIX)] + SEALED_SUFFIX, True, seg.size))
@@ -140,7 +142,7 @@ class SpoolReader:
                 with self.fs.open(candidate.path, "rb") as f:
                     if start:
                         f.seek(start)
-                    return f.read(), candidate
+                    return f.read(limit), candidate
             except FileNotFoundError:
                 continue
         return b"", seg
@@ -148,7 +150,7 @@ class SpoolReader:
     def header(self, seg: Segment) -> dict[str, Any] | None:
         """The segment's header fields, or ``None`` if it is damaged (reported as a gap)."""
         if seg.name not in self._headers:
-            data, _ = self._read(seg, 0)
+            data, _ = self._read(seg, 0, HEADER.size + MAX_HEADER)  # not the whole segment
             self._headers[seg.name] = self._parse_header(seg, data)[0]
         return self._headers[seg.name]
 
