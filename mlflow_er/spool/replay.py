@@ -140,10 +140,13 @@ class Replayer:
         """The saved progress of ``segment`` for this tracking server, if any."""
         return self._read_json(f"{self.state}/progress/{segment}.json")
 
-    def _save_progress(self, seg: Segment, pos: Position | None, done: bool, gaps: list, failed: list) -> None:
+    def _save_progress(self, seg: Segment, pos: Position | None, done: bool, gaps: list, failed: list,
+                       prior: dict[str, Any] | None) -> None:
+        # Damage and rejections seen by an earlier (interrupted) sync of this segment are kept.
+        old_gaps, old_failed = list((prior or {}).get("gaps", [])), list((prior or {}).get("failed", []))
         data = {"segment": seg.name, "offset": pos.offset if pos else 0, "count": pos.count if pos else 0,
-                "done": done, "size": seg.size, "gaps": [str(g) for g in gaps][:100],
-                "failed": [str(f) for f in failed][:100]}
+                "done": done, "size": seg.size, "gaps": (old_gaps + [str(g) for g in gaps])[:100],
+                "failed": (old_failed + [str(f) for f in failed])[:100]}
         write_atomic(self.fs, f"{self.state}/progress/{seg.name}.json", json.dumps(data).encode())
 
     # -- the replay ----------------------------------------------------------------------------
@@ -216,7 +219,7 @@ class Replayer:
             chunk.append(record)
             if len(chunk) >= self.chunk_records:
                 failed += self._deliver(chunk, header)
-                self._save_progress(seg, pos, False, self.reader.gaps[gaps_before:], failed)
+                self._save_progress(seg, pos, False, self.reader.gaps[gaps_before:], failed, prog)
                 self.report.records += len(chunk)
                 chunk = []
                 if bar is not None:
@@ -230,7 +233,7 @@ class Replayer:
         self.report.failed += failed
         self.report.segments += 1
         if pos is not None or seg.sealed:
-            self._save_progress(seg, pos, seg.sealed, gaps, failed)
+            self._save_progress(seg, pos, seg.sealed, gaps, failed, prog)
         if bar is not None and pos is not None:
             bar.update(pos.offset - last_offset)
 
