@@ -72,6 +72,7 @@ def test_every_record_kind_round_trips(tmp_path: Path) -> None:
         Tag("other-run", "mlflow.note.content", "x" * 8000, TS + 1, 0),
         Artifact(RUN, "/abs/model.pt", "models", TS, 6, owned=True, is_dir=False, name=None, size=12),
         Artifact(RUN, None, "cfg", TS, 7, payload=("json", {"a": [1, 2]}), name="c.json"),
+        Artifact(RUN, "/staging/big.bin", None, TS, 8, owned=True, size=9, fingerprint=(("", 11, 9, 123),)),
         RunInfo(RUN, TS, -1, {"status": "FINISHED", "end_time": TS + 9}),
     ]
     with SpoolWriter(tmp_path, fsync_interval=None) as w:

@@ -236,3 +236,22 @@ def test_offline_resolvers_answer_only_without_a_client(tracking_uri: str) -> No
     online = hook.mlflow_er_resolve_experiment(client=client, experiment_name="online", experiment_id=None,
                                                artifact_location=None, create_new=True, tags={})
     assert online.experiment_id == client.get_experiment_by_name("online").experiment_id  # the built-in did it
+
+
+def test_artifact_in_the_spool_is_a_snapshot(tmp_path: Path) -> None:
+    src = tmp_path / "ckpt.bin"
+    src.write_bytes(b"v1" * 1000)
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    (folder / "a.txt").write_text("first")
+    sink = SpoolSink(tmp_path / "spool", fsync_interval=None)
+    sink.write_artifact(Artifact(RUN, str(src), None, TS, 0))  # the user's own file (sync backend: no snapshot)
+    sink.write_artifact(Artifact(RUN, str(folder), "d", TS, 1, is_dir=True))
+    with open(src, "r+b") as f:  # rewritten in place after the log call
+        f.write(b"XX")
+    (folder / "a.txt").write_text("second")
+    sink.close()
+    copies = sorted((tmp_path / "spool" / "artifacts").rglob("*"))
+    files = {p.name: p.read_bytes() for p in copies if p.is_file()}
+    assert files == {"ckpt.bin": b"v1" * 1000, "a.txt": b"first"}
+    assert all(not p.name.startswith(".") for p in (tmp_path / "spool" / "artifacts").iterdir())

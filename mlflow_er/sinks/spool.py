@@ -66,6 +66,20 @@ def _close_at_exit() -> None:
                 log.warning("mlflow-er spool: closing %r at exit failed: %s", sink, exc)
 
 
+def _freeze(src: str, dst: str, may_link: bool) -> None:
+    """Put an immutable copy of ``src`` at ``dst``: a hard link if allowed, else a clone, else a copy."""
+    from ..artifacts import _reflink
+
+    if may_link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass  # another filesystem: clone or copy
+    if not _reflink(src, dst):
+        shutil.copyfile(src, dst)
+
+
 def _fsync_path(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -147,22 +161,30 @@ class SpoolSink(Sink):
         self._artifacts += 1
 
     def _snapshot(self, artifact: Artifact) -> tuple[str, Path]:
-        from ..artifacts import _link_or_copy
-
         assert artifact.local_path is not None, "artifacts reach sinks as local files"
         src = Path(artifact.local_path)
+        # A backend's private snapshot (owned, not a hard link to the user's file) can be
+        # linked: nobody rewrites it. Anything else is cloned or copied, so a later in-place
+        # rewrite by the user can never change what the spool holds.
+        private = artifact.owned and not getattr(artifact, "fingerprint", None)
         aid = uuid.uuid4().hex
         root = self.path / ARTIFACTS_DIR
+        root.mkdir(exist_ok=True, mode=0o700)
         tmp = root / f".tmp-{aid}"  # the uploader skips dot-names: it never sees a half-made snapshot
-        tmp.mkdir(parents=True, mode=0o700)
+        tmp.mkdir(mode=0o700)
         name = src.name if src.name else (artifact.name or "artifact")
         dst = tmp / name
+
+        def take(s: str, d: str) -> str:
+            _freeze(s, d, private)
+            return d
+
         try:
             if artifact.is_dir or src.is_dir():
-                shutil.copytree(src, dst, copy_function=_link_or_copy)
+                shutil.copytree(src, dst, copy_function=take)
                 files = [f for f in dst.rglob("*") if f.is_file()]
             else:
-                _link_or_copy(str(src), str(dst))
+                take(str(src), str(dst))
                 files = [dst]
             for f in files:  # the record is acknowledged by the segment fsync; its content must be durable too
                 _fsync_path(f)

@@ -215,6 +215,9 @@ def _json_payload(kind: int, rb: bytes, seq: int, timestamp: int, fields: dict[s
 def _artifact_fields(a: Artifact) -> dict[str, Any]:
     fields: dict[str, Any] = {"local_path": a.local_path, "artifact_path": a.artifact_path, "owned": a.owned,
                               "is_dir": a.is_dir, "name": a.name, "size": a.size}
+    fingerprint = getattr(a, "fingerprint", None)
+    if fingerprint:
+        fields["fingerprint"] = [list(f) for f in fingerprint]
     if a.payload is not None:
         kind, content = a.payload
         if kind not in ("text", "json"):
@@ -252,9 +255,12 @@ def decode_payload(p: bytes | memoryview) -> SpoolRecord | None:
             if kind == RUN_INFO:
                 return RunInfo(run_id, ts, seq, fields)
             payload = fields.get("payload")
-            return Artifact(run_id, fields.get("local_path"), fields.get("artifact_path"), ts, seq,
-                            bool(fields.get("owned")), bool(fields.get("is_dir")),
-                            tuple(payload) if payload else None, fields.get("name"), int(fields.get("size") or 0))
+            artifact = Artifact(run_id, fields.get("local_path"), fields.get("artifact_path"), ts, seq,
+                                bool(fields.get("owned")), bool(fields.get("is_dir")),
+                                tuple(payload) if payload else None, fields.get("name"), int(fields.get("size") or 0))
+            if fields.get("fingerprint") and "fingerprint" in Artifact._fields:
+                artifact = artifact._replace(fingerprint=tuple(tuple(f) for f in fields["fingerprint"]))
+            return artifact
     except (struct.error, UnicodeDecodeError, ValueError, TypeError) as exc:
         raise FormatError(f"undecodable payload of kind {kind}: {exc}") from exc
     return None
