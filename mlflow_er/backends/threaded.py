@@ -27,6 +27,7 @@ from ..records import MAX_METRICS_PER_BATCH, Artifact, Metric, Record, approx_si
 from ..sinks.base import Sink
 from . import lifecycle
 from .base import Backend, materialize
+from .spill import Spill
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,11 @@ ON_FULL = ("block", "drop", "spill")
 class _Marker:
     """Placed in the queue by ``flush()``; set once everything before it is delivered."""
 
-    __slots__ = ("done", "artifacts_done")
+    __slots__ = ("done", "spill_upto")
 
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.artifacts_done = False
+        self.spill_upto = 0  # spilled records submitted before the flush: deliver them first
 
 
 class ThreadedBackend(Backend):
@@ -65,9 +66,6 @@ class ThreadedBackend(Backend):
                  close_timeout: float = 30.0, spill_path: str | None = None):
         if on_full not in ON_FULL:
             raise ValueError(f"on_full must be one of {ON_FULL}, got {on_full!r}")
-        if on_full == "spill":
-            raise ValueError("on_full='spill' needs the spool sink, which this version does not have yet; "
-                             "use 'block' or 'drop'")
         if max_queue < 1 or max_bytes < 1:
             raise ValueError("max_queue and max_bytes must be positive")
         self.max_queue = max_queue
@@ -77,6 +75,7 @@ class ThreadedBackend(Backend):
         self.flush_interval = flush_interval
         self.policy = RetryPolicy(deadline=retry_deadline)
         self.close_timeout = close_timeout
+        self.spill_path = spill_path
         self.sinks: list[Sink] = []
         self._init_state()
         lifecycle.track(self)
@@ -87,6 +86,11 @@ class ThreadedBackend(Backend):
         # Wake the writer early once a full batch waits, or the buffer is full, whichever first.
         self._kick_default = min(MAX_METRICS_PER_BATCH, self.max_queue)
         self._kick_at = self._kick_default
+        self._limit = self.max_queue  # the hot path's bound; 0 while spilling (all go to disk)
+        self._spill: Spill | None = None
+        self._spilling = False
+        self._spilled = 0
+        self._spill_kept = 0  # spilled records left on disk at close, for `mlflow-er sync`
         self._lock = threading.Lock()
         self._not_full = threading.Condition(self._lock)
         self._waiters = 0
@@ -137,7 +141,7 @@ class ThreadedBackend(Backend):
     # -- the hot path ----------------------------------------------------------------------
     def submit(self, record: Record) -> None:
         buf = self._buf
-        if type(record) is not Metric or len(buf) >= self.max_queue:
+        if type(record) is not Metric or len(buf) >= self._limit:
             self._submit_slow(record, approx_size(record) if type(record) is not Metric else 0)
             return
         buf.append(record)
@@ -157,16 +161,38 @@ class ThreadedBackend(Backend):
     def _submit_slow(self, record: Record, size: int) -> None:
         if type(record) is Artifact and record.payload is not None:
             size += _payload_size(record.payload)
+            if self.on_full == "spill" and (self._spilling or len(self._buf) >= self.max_queue
+                                            or self._bytes + size > self.max_bytes):
+                # An image array cannot be spilled as is: render it to a file first.
+                record, size = materialize(record), 0
         with self._lock:
+            if self._spilling:
+                self._spill_locked(record)
+                return
             over_records = len(self._buf) >= self.max_queue
             # A single record larger than max_bytes still goes through an empty buffer.
             if over_records or (self._bytes + size > self.max_bytes and self._bytes > 0):
+                if self.on_full == "spill":
+                    self._spill_locked(record)
+                    return
                 if not self._make_room(size, "queue_full" if over_records else "bytes_full"):
                     return
             self._bytes += size
             self._buf.append((record, size) if size else record)
         if len(self._buf) >= self._kick_at:
             self._kick()
+
+    def _spill_locked(self, record: Record) -> None:
+        """Append to the spill (lock held). Once spilling, every record goes there until it is drained."""
+        if self._spill is None:
+            self._spill = Spill(self.spill_path)
+        if not self._spilling:
+            self._spilling = True
+            self._limit = 0  # route the hot path here too, so call order holds
+            log.warning("mlflow-er: buffer full; spilling to %s until the writer catches up", self._spill.path)
+        self._spill.append(record)
+        self._spilled += 1
+        self._wake.set()
 
     def _make_room(self, size: int, reason: str) -> bool:
         """Apply ``on_full`` with the lock held. False means the record was dropped."""
@@ -199,8 +225,13 @@ class ThreadedBackend(Backend):
     def _writer_main(self) -> None:
         try:
             while True:
+                if not self._buf and self._spill_pending() and not self._stop.is_set():
+                    self._drain_spill()
+                    continue
                 if not self._buf:
                     if self._closing:
+                        if self._stop.is_set():
+                            self._finish_spill()  # gave up: what is spilled stays on disk
                         return
                     self._wake.wait(self.flush_interval)
                     self._wake.clear()
@@ -233,6 +264,11 @@ class ThreadedBackend(Backend):
                 markers.append(item)
                 with self._lock:
                     self._markers -= 1
+                if item.spill_upto:
+                    self._deliver(taken)  # memory first: it holds the older records
+                    taken = []
+                    while self._spill is not None and self._spill.read < item.spill_upto and not self._stop.is_set():
+                        self._drain_spill(item.spill_upto)
                 break  # records after a marker belong to the next round
             if type(item) is tuple and type(item[0]) is not Artifact:
                 item, size = item
@@ -275,6 +311,34 @@ class ThreadedBackend(Backend):
                     failed = d.deliver(batch)
                     if failed:
                         self._record_failures(failed)
+
+    def _finish_spill(self) -> None:
+        """Close the spill; records left in it stay on disk for ``mlflow-er sync`` (counted)."""
+        with self._lock:
+            if self._spill is None:
+                return
+            self._spill_kept += self._spill.pending()
+            self._spill.close()  # keeps the folder, and says so, if records are left
+            self._spill, self._spilling, self._limit = None, False, self.max_queue
+
+    def _spill_pending(self) -> int:
+        return self._spill.pending() if self._spill is not None else 0
+
+    def _drain_spill(self, upto: int | None = None) -> None:
+        """Deliver the next chunk of spilled records; stop spilling once it is empty."""
+        assert self._spill is not None
+        recs = self._spill.take(20 * MAX_METRICS_PER_BATCH, upto)
+        self._inflight = len(recs)
+        try:
+            self._deliver(recs)
+        finally:
+            self._inflight = 0
+        with self._lock:
+            if self._spilling and not self._spill.pending():
+                self._spilling = False
+                self._limit = self.max_queue
+                if self._waiters:
+                    self._not_full.notify_all()
 
     def _record_failures(self, failed: list[FailedRecord]) -> None:
         with self._lock:
@@ -347,7 +411,7 @@ class ThreadedBackend(Backend):
 
     # -- flush / close ---------------------------------------------------------------------
     def _unsent(self) -> int:
-        return max(0, len(self._buf) - self._markers) + self._inflight + self._art_pending
+        return max(0, len(self._buf) - self._markers) + self._inflight + self._art_pending + self._spill_pending()
 
     def _take_failures(self) -> list[FailedRecord]:
         with self._lock:
@@ -367,6 +431,7 @@ class ThreadedBackend(Backend):
             return
         marker = _Marker()
         with self._lock:
+            marker.spill_upto = self._spill.appended if self._spill is not None else 0
             self._markers += 1
             self._buf.append(marker)
         self._ensure_threads()
@@ -407,7 +472,10 @@ class ThreadedBackend(Backend):
                 if t is not None and t is not threading.current_thread():
                     left = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
                     t.join(left)
+            writer_gone = self._writer is None or not self._writer.is_alive()
             self._writer = self._uploader = None
+            if writer_gone:
+                self._finish_spill()  # else the writer does it when its current call returns
 
     def _abandon(self) -> None:
         """Count what is left in memory as dropped at close (it cannot be sent in time)."""
@@ -437,6 +505,8 @@ class ThreadedBackend(Backend):
         return {"backend": NAME, "queued": self._unsent(), "queued_bytes": self._bytes, "delivered": s.delivered,
                 "failed": s.failed, "retries": s.retries, "batches": s.batches, "artifacts": s.artifacts,
                 "dropped": dict(s.dropped), "dropped_total": sum(s.dropped.values()),
+                "spilled": self._spilled, "spill_pending": self._spill_pending(),
+                "spill_kept": self._spill_kept,
                 "oldest_unsent_age": age, "writer_alive": bool(self._writer and self._writer.is_alive()),
                 "on_full": self.on_full}
 
