@@ -55,7 +55,8 @@ def mlflow_er_resolve_experiment(
     """Find or create the experiment a tracker logs to.
 
     Called once, when an ``ExperimentTracker`` is constructed. Receives the tracker's
-    own ``MlflowClient`` and the constructor's arguments (``tags`` already holds the
+    own ``MlflowClient`` (``None`` when the tracker is offline: resolve without a server)
+    and the constructor's arguments (``tags`` already holds the
     ``git_commit`` tag for a new experiment). Returns an ``mlflow.entities.Experiment``,
     or ``None`` to let the next implementation decide. **First non-None result wins.**
     The built-in (``trylast``) finds by name, then by id, then creates (if allowed).
@@ -75,7 +76,7 @@ def mlflow_er_resolve_run(
     """Return the id of the run a ``tracker.run(...)`` block logs to, creating it if needed.
 
     Called once per ``tracker.run()`` block, before it starts. Receives the tracker's
-    client, the experiment id, the block's arguments and the id of the enclosing run for
+    client (``None`` when offline), the experiment id, the block's arguments and the id of the enclosing run for
     nested runs (else ``None``). Returns a run id (an existing run to resume, or one the
     implementation just created), or ``None`` to defer. **First non-None result wins.**
     The built-in (``trylast``) resumes a run found by name (newest first), then by id,
@@ -102,6 +103,19 @@ def mlflow_er_make_sink(name: str, context: SinkContext) -> Sink | None:
     tracking URI, the experiment and sink options. Returns a new
     :class:`~mlflow_er.sinks.base.Sink` if this plugin provides ``name``, else ``None``.
     **First non-None result wins.**
+    """
+
+
+@hookspec(firstresult=True)
+def mlflow_er_sink_needs_server(name: str) -> bool | None:
+    """Tell whether the sink called ``name`` needs the tracking server.
+
+    Called while a tracker is constructed, before anything is resolved, once per sink
+    name. Returns ``False`` for a sink that works without a server (the ``spool``),
+    ``True`` if it needs one, ``None`` if this plugin does not provide ``name``.
+    **First non-None result wins**; no answer counts as ``True``. When every sink of a
+    tracker answers ``False`` the tracker runs *offline*: it never contacts the server,
+    and the resolve hooks receive ``client=None``.
     """
 
 

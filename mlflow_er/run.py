@@ -59,15 +59,22 @@ class Run:
         self._snapshots = getattr(backend, "snapshots", True)
 
     # -- MLflow-like read access ---------------------------------------------------------
+    def _stored(self) -> Any:
+        if self._client is None:
+            from .errors import MlflowErError
+
+            raise MlflowErError("this run is offline (spool-only sinks): it is in MLflow only after `mlflow-er sync`")
+        return self._client.get_run(self.run_id)
+
     @property
     def info(self) -> RunInfo:
         """The run's ``RunInfo`` as the tracking store has it now."""
-        return self._client.get_run(self.run_id).info
+        return self._stored().info
 
     @property
     def data(self) -> RunData:
         """The run's ``RunData`` (metrics, params, tags) as the tracking store has it now."""
-        return self._client.get_run(self.run_id).data
+        return self._stored().data
 
     # -- metrics ---------------------------------------------------------------------------
     def log_metric(self, key: str, value: float, step: int | None = None, timestamp: int | None = None) -> None:

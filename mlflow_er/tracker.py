@@ -39,7 +39,14 @@ def git_commit() -> str:
     return out.stdout.decode("ascii", "replace").strip() if out.returncode == 0 else ""
 
 
-def normalize_tracking_uri(uri: str | None) -> str | None:
+def _needs_server(pm: Any, sink: str | Sink) -> bool:
+    if isinstance(sink, Sink):
+        return bool(getattr(sink, "needs_server", True))
+    answer = pm.hook.mlflow_er_sink_needs_server(name=sink)
+    return True if answer is None else bool(answer)
+
+
+def normalize_tracking_uri(uri: str | None, probe: bool = True) -> str | None:
     """Check a tracking URI early so a typo fails in seconds, not after minutes of retries."""
     if uri is None:
         return None
@@ -55,7 +62,7 @@ def normalize_tracking_uri(uri: str | None) -> str | None:
         if db and db != ":memory:" and not Path(db).expanduser().parent.exists():
             raise TrackingUnavailable(f"folder of the SQLite tracking store {db!r} does not exist")
         return uri
-    if parts.scheme in ("http", "https"):
+    if parts.scheme in ("http", "https") and probe:
         probe_server(uri)
     return uri
 
@@ -99,25 +106,30 @@ class ExperimentTracker:
                  close_timeout: float | None = 300.0,
                  **experiment_tags: Any):
         self.background_workers: dict[str, Any] = {}  # the seed exposed this attribute
-        uri = normalize_tracking_uri(tracking_uri)
-        if uri is not None:
+        pm = plugins.get_plugin_manager()
+        spec = self._sink_names(sinks)
+        #: True when every sink works without a server: nothing here contacts the tracking server.
+        self.offline = all(not _needs_server(pm, s) for s in spec)
+        uri = normalize_tracking_uri(tracking_uri, probe=not self.offline)
+        if uri is not None and not self.offline:
             mlflow.set_tracking_uri(uri)  # as the seed did: fluent calls inside a run go there too
         self._uri = uri or mlflow.get_tracking_uri()
-        self.client = MlflowClient(self._uri)
+        self.client = MlflowClient(self._uri)  # constructing a client sends no request
+        resolver_client = None if self.offline else self.client
         self.close_timeout = close_timeout
-        pm = plugins.get_plugin_manager()
         tags = {k: str(v) for k, v in experiment_tags.items()}
         commit = git_commit()
         tags.setdefault("git_commit", commit)
         self._experiment = pm.hook.mlflow_er_resolve_experiment(
-            client=self.client, experiment_name=experiment_name, experiment_id=experiment_id,
+            client=resolver_client, experiment_name=experiment_name, experiment_id=experiment_id,
             artifact_location=artifact_location, create_new=create_new, tags=tags)
         if self._experiment is None:
             raise MlflowErError("no plugin resolved the experiment")
         self.git_commit = (self._experiment.tags or {}).get("git_commit", commit)
         self._backend = self._build_backend(backend, backend_options or {})
-        self._sink_spec = (sinks, sink_options or {})
-        self._sinks = self._build_sinks(sinks, sink_options or {})
+        self._sink_options = sink_options or {}
+        self._own: dict[int, str] = {}  # id(sink) -> name, for the sinks built here by name
+        self._sinks = [self._make_sink(s) for s in spec]
         self._sinks_closed = False
         self._open_runs = 0
         self._jobs = JobRunner()
@@ -132,22 +144,25 @@ class ExperimentTracker:
         name = backend or os.environ.get("MLFLOW_ER_BACKEND") or DEFAULT_BACKEND
         return plugins.make_backend(name.strip(), **options)
 
-    def _build_sinks(self, sinks: Sequence[str | Sink] | str | None, options: dict[str, dict]) -> list[Sink]:
+    @staticmethod
+    def _sink_names(sinks: Sequence[str | Sink] | str | None) -> list[str | Sink]:
         if sinks is None:
             env = os.environ.get("MLFLOW_ER_SINKS")
-            sinks = [s.strip() for s in env.split(",") if s.strip()] if env else list(DEFAULT_SINKS)
-        elif isinstance(sinks, str):
+            sinks = env if env else list(DEFAULT_SINKS)
+        if isinstance(sinks, str):
             sinks = [s.strip() for s in sinks.split(",") if s.strip()]
-        out: list[Sink] = []
-        for s in sinks:
-            if isinstance(s, Sink):
-                out.append(s)
-            else:
-                ctx = SinkContext(self._uri, self.id, self._experiment.name, dict(options.get(s, {})))
-                out.append(plugins.make_sink(s, ctx))
+        out = [s if isinstance(s, Sink) else str(s).strip() for s in sinks]
         if not out:
             raise MlflowErError("at least one sink is needed")
         return out
+
+    def _make_sink(self, spec: str | Sink) -> Sink:
+        if isinstance(spec, Sink):
+            return spec
+        ctx = SinkContext(self._uri, self.id, self._experiment.name, dict(self._sink_options.get(spec, {})))
+        sink = plugins.make_sink(spec, ctx)
+        self._own[id(sink)] = spec
+        return sink
 
     @property
     def backend(self) -> Backend:
@@ -161,7 +176,12 @@ class ExperimentTracker:
 
     # -- the seed's properties -------------------------------------------------------------
     def _fresh(self):
-        return self.client.get_experiment(self.id)
+        # Offline, the experiment resolved at construction is all there is.
+        return self._experiment if self.offline else self.client.get_experiment(self.id)
+
+    def _online(self, what: str) -> None:
+        if self.offline:
+            raise MlflowErError(f"{what} needs the tracking server; this tracker is offline (spool-only sinks)")
 
     @property
     def id(self) -> str:
@@ -217,12 +237,14 @@ class ExperimentTracker:
     # -- runs ------------------------------------------------------------------------------
     def get_all_runs(self):
         """Every run of the experiment as a pandas DataFrame (``mlflow.search_runs``)."""
+        self._online("get_all_runs")
         return mlflow.search_runs([self.id])
 
     def find_run(self, run_name: str | None = None, run_id: str | None = None) -> tuple[str | None, str | None]:
         """``(run_name, run_id)`` of a run found by name (newest first), else by id; ``(None, None)``."""
         from .resolve import find_run_id
 
+        self._online("find_run")
         return find_run_id(self.client, self.id, run_name, run_id)
 
     def background_worker(self, name: str, logger: Callable[..., Any], use_process: bool = False,
@@ -246,24 +268,32 @@ class ExperimentTracker:
         keep working. Leaving the block flushes, ends the run (FINISHED, or FAILED if the
         block raised) and raises :class:`DeliveryError` for anything not delivered.
         """
-        parent = mlflow.active_run()
-        parent_id = parent.info.run_id if (nested and parent) else None
+        if self.offline:
+            parent_id = self._active[-1].run_id if (nested and self._active) else None
+        else:
+            parent = mlflow.active_run()
+            parent_id = parent.info.run_id if (nested and parent) else None
         tags = {k: str(v) for k, v in run_tags.items()}
         pm = plugins.get_plugin_manager()
-        rid = pm.hook.mlflow_er_resolve_run(client=self.client, experiment_id=self.id, run_name=run_name,
-                                            run_id=run_id, description=description, parent_run_id=parent_id,
-                                            tags=tags)
+        rid = pm.hook.mlflow_er_resolve_run(client=None if self.offline else self.client, experiment_id=self.id,
+                                            run_name=run_name, run_id=run_id, description=description,
+                                            parent_run_id=parent_id, tags=tags)
         if rid is None:
             raise MlflowErError("no plugin resolved the run")
-        active = mlflow.start_run(run_id=rid, nested=nested, tags=tags or None, description=description)
-        params = active.data.params if active.data else {}
+        params: dict[str, str] = {}
+        if not self.offline:  # offline there is no MLflow run to make active: fluent calls are not routed
+            active = mlflow.start_run(run_id=rid, nested=nested, tags=tags or None, description=description)
+            params = active.data.params if active.data else {}
         if self._open_runs == 0:
             if self._sinks_closed:  # the previous outermost run closed the sinks built by name
-                self._sinks = self._build_sinks(*self._sink_spec)
+                old, self._own = self._own, {}
+                self._sinks = [self._make_sink(old[id(s)]) if id(s) in old else s for s in self._sinks]
                 self._sinks_closed = False
             self._backend.open(self._sinks)
         self._open_runs += 1
-        handle = Run(rid, self._backend, self.client, params, tracker=self)
+        for sink in self._sinks:
+            sink.start_run(rid, run_name=run_name, parent_run_id=parent_id, description=description, tags=tags)
+        handle = Run(rid, self._backend, None if self.offline else self.client, params, tracker=self)
         self._active.append(handle)
         status = "FINISHED"
         block_error: BaseException | None = None
@@ -281,10 +311,9 @@ class ExperimentTracker:
 
     def _close_own_sinks(self) -> list[FailedRecord]:
         """Close the sinks this tracker built by name (instances passed in belong to the caller)."""
-        own = {id(s) for s in self._sinks} - {id(s) for s in (self._sink_spec[0] or ()) if isinstance(s, Sink)}
         failed = []
         for sink in self._sinks:
-            if id(sink) in own:
+            if id(sink) in self._own:
                 try:
                     sink.close()
                 except Exception as exc:
@@ -303,11 +332,17 @@ class ExperimentTracker:
                 self._backend.flush(self.close_timeout)
         except DeliveryError as exc:
             problem = exc
+        for sink in self._sinks:
+            try:
+                sink.end_run(handle.run_id, status)
+            except Exception as exc:
+                failures.append(FailedRecord("sink", sink.name, f"end_run failed: {type(exc).__name__}: {exc}"))
         if self._open_runs == 0:
             failures += self._close_own_sinks()
-        current = mlflow.active_run()
-        if current is not None and current.info.run_id == handle.run_id:
-            mlflow.end_run(status)
+        if not self.offline:
+            current = mlflow.active_run()
+            if current is not None and current.info.run_id == handle.run_id:
+                mlflow.end_run(status)
         if failures or problem:
             error = DeliveryError([*failures, *(problem.failed if problem else [])],
                                   unsent=problem.unsent if problem else 0)

@@ -128,6 +128,8 @@ def _plan_contenders(probed: dict[str, Any], workloads: list[str], patterns: str
                                 f"(pass --sink-option {s}.KEY=VALUE): {broken[f'sink:{s}']}"})
                 continue
             base.append(er_contender(b, s))
+    # Background backends right after raw log_batch (their drain is compared with it), one-request-per-call last.
+    base.sort(key=lambda c: (c.kind == "er", c.kind == "er" and c.per_call))
     chosen = _select(base, patterns)
     if not chosen:
         raise SystemExit(f"mlflow-er bench: error: --contenders {patterns!r} matches none of "
@@ -210,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                          "percentiles are per call, so they compare")
         outcome = run_plan(plan, ctx, zygote, log_dir, progress, keep=args.keep)
         summary = report.summarize(outcome.results)
+        rat = report.ratios(outcome.results)
         names = {w: [c.name for c in cs] for w, cs in plan.contenders.items()}
         doc: dict[str, Any] = {
             "schema": SCHEMA,
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {"quick": args.quick, "repeat": repeat, "workloads": workloads,
                          "sizes": {k: v for k, v in vars(sizes).items()}},
             "contenders": names, "skipped": skipped, "workloads": summary,
-            "ratios": report.ratios(summary), "targets": report.targets(summary, names, args.quick),
+            "ratios": rat, "targets": report.targets(summary, rat, names, args.quick),
             "errors": outcome.errors, "notes": notes, "seconds": round(time.perf_counter() - started, 1),
         }
         if args.keep:

@@ -25,6 +25,8 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
 RATIO_METRICS: dict[str, list[str]] = {"latency": ["p50_us", "p99_us"], "throughput": ["records_per_s"],
                                        "seed": ["blocked_s", "wall_s"], "memory": ["rss_growth_mb"]}
 LOWER_IS_BETTER = {"throughput": False}
+#: References beyond the MLflow baselines, per workload.
+EXTRA_REFS: dict[str, tuple[str, ...]] = {"throughput": (RAW,), "seed": (SYNC,)}
 DESCRIPTION = {
     "latency": "caller cost of one log_metric call, writer busy",
     "throughput": "metrics + params/tags delivered to the store, until flushed",
@@ -64,23 +66,35 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def ratios(summary: dict[str, Any]) -> dict[str, Any]:
+def paired_ratio(mine: list[dict[str, Any]], ref: list[dict[str, Any]], metric: str) -> float | None:
+    """``mine / ref`` for one figure: the median of per-repetition ratios when both ran every
+    repetition (pairs measured seconds apart, so a machine's drift cancels), else the ratio of medians."""
+    a = [r.get(metric) for r in mine]
+    b = [r.get(metric) for r in ref]
+    if a and len(a) == len(b) and all(isinstance(x, (int, float)) for x in a + b):
+        pairs = [_ratio(float(x), float(y)) for x, y in zip(a, b, strict=True)]
+        if all(p is not None for p in pairs):
+            return statistics.median(p for p in pairs if p is not None)
+    va = [float(x) for x in a if isinstance(x, (int, float))]
+    vb = [float(x) for x in b if isinstance(x, (int, float))]
+    return _ratio(statistics.median(va), statistics.median(vb)) if va and vb else None
+
+
+def ratios(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
     """``{workload: {contender: {metric: {reference: contender/reference}}}}`` for every baseline present.
 
     References are MLflow sync, MLflow async and MLflow async buffered; throughput is also
-    compared with raw ``log_batch`` (the drain ratio).
+    compared with raw ``log_batch`` (the drain ratio) and seed with mlflow-er's ``sync``
+    backend (the "time blocked" target). See :func:`paired_ratio`.
     """
     out: dict[str, Any] = {}
-    for workload, by_contender in summary.items():
-        refs = [b for b in BASELINES if b in by_contender]
-        if workload == "throughput" and RAW in by_contender:
-            refs.append(RAW)
+    for workload, by_contender in results.items():
+        refs = [b for b in (*BASELINES, *EXTRA_REFS.get(workload, ())) if by_contender.get(b)]
         block: dict[str, Any] = {}
-        for name in by_contender:
+        for name, reps in by_contender.items():
             per_metric: dict[str, Any] = {}
             for metric in RATIO_METRICS.get(workload, []):
-                vals = {ref: _ratio(median(summary, workload, name, metric), median(summary, workload, ref, metric))
-                        for ref in refs if ref != name}
+                vals = {ref: paired_ratio(reps, by_contender[ref], metric) for ref in refs if ref != name}
                 vals = {k: v for k, v in vals.items() if v is not None}
                 if vals:
                     per_metric[metric] = vals
@@ -89,6 +103,13 @@ def ratios(summary: dict[str, Any]) -> dict[str, Any]:
         if block:
             out[workload] = block
     return out
+
+
+def _ratio_of(rat: dict[str, Any], workload: str, name: str, metric: str, ref: str) -> float | None:
+    try:
+        return float(rat[workload][name][metric][ref])
+    except KeyError:
+        return None
 
 
 def _target(name: str, op: str, target: float, measured: float | None, unit: str = "",
@@ -102,20 +123,23 @@ def _target(name: str, op: str, target: float, measured: float | None, unit: str
     return out
 
 
-def targets(summary: dict[str, Any], contenders: dict[str, list[str]], quick: bool) -> list[dict[str, Any]]:
-    """Evaluate the project's targets against the medians (only those whose inputs were measured)."""
+def targets(summary: dict[str, Any], rat: dict[str, Any], contenders: dict[str, list[str]],
+            quick: bool) -> list[dict[str, Any]]:
+    """Evaluate the project's targets (only those whose inputs were measured).
+
+    Absolute figures use the medians; ratios use :func:`ratios` (paired per repetition).
+    """
     m = median
     out: list[dict[str, Any] | None] = [
         _target("latency: threaded log_metric p50", "<=", 3.0, m(summary, "latency", THREADED, "p50_us"), "µs"),
         _target(f"latency: threaded p50 / {MLFLOW_ASYNC_BUF} p50", "<=", 1 / 30,
-                _ratio(m(summary, "latency", THREADED, "p50_us"), m(summary, "latency", MLFLOW_ASYNC_BUF, "p50_us"))),
+                _ratio_of(rat, "latency", THREADED, "p50_us", MLFLOW_ASYNC_BUF)),
         _target(f"latency: threaded p99 / {MLFLOW_ASYNC_BUF} p99", "<=", 1 / 4,
-                _ratio(m(summary, "latency", THREADED, "p99_us"), m(summary, "latency", MLFLOW_ASYNC_BUF, "p99_us"))),
+                _ratio_of(rat, "latency", THREADED, "p99_us", MLFLOW_ASYNC_BUF)),
         _target("throughput: threaded drain / raw log_batch", ">=", 0.9,
-                _ratio(m(summary, "throughput", THREADED, "records_per_s"),
-                       m(summary, "throughput", RAW, "records_per_s"))),
+                _ratio_of(rat, "throughput", THREADED, "records_per_s", RAW)),
         _target("seed: threaded blocked / sync blocked", "<=", 0.02,
-                _ratio(m(summary, "seed", THREADED, "blocked_s"), m(summary, "seed", SYNC, "blocked_s"))),
+                _ratio_of(rat, "seed", THREADED, "blocked_s", SYNC)),
     ]
     compute, upload = m(summary, "seed", THREADED, "compute_s"), m(summary, "seed", SYNC, "blocked_s")
     if compute is not None and upload is not None:
@@ -197,7 +221,7 @@ def text_report(doc: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"== {workload}: {DESCRIPTION.get(workload, '')}")
         cols = COLUMNS.get(workload, [])
-        refs = [b for b in (*BASELINES, RAW) if b in by_contender]
+        refs = [b for b in (*BASELINES, *EXTRA_REFS.get(workload, ())) if b in by_contender]
         ratio_metric = RATIO_METRICS.get(workload, [None])[0]
         header = ["contender", *[h for _, h in cols]]
         ratio_refs = [r for r in refs if any(r in rat.get(workload, {}).get(c, {}).get(ratio_metric, {})

@@ -22,6 +22,16 @@ class Sink:
 
     #: The name users type to select the sink (the entry-point name).
     name: str = "sink"
+    #: False for a sink that works with no tracking server (a tracker whose sinks all say
+    #: False runs offline). Sinks built by name answer through ``mlflow_er_sink_needs_server``.
+    needs_server: bool = True
+
+    def start_run(self, run_id: str, *, run_name: str | None = None, parent_run_id: str | None = None,
+                  description: str | None = None, tags: dict[str, str] | None = None) -> None:
+        """A run block started (called before its first record). Optional: the default does nothing."""
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """A run block ended, after its records were delivered. Optional: the default does nothing."""
 
     def write_batch(self, batch: Batch) -> None:
         """Store every record of ``batch``; raise if any could not be stored."""

@@ -96,6 +96,8 @@ def _fsync_path(path: Path) -> None:
 class SpoolSink(Sink):
     """Writes records to a local spool and (optionally) uploads it; see the module docstring for options."""
 
+    needs_server = False
+
     name = NAME
 
     def __init__(self, path: str | os.PathLike[str] | None = None, upload_url: str | None = None, *,
@@ -293,6 +295,11 @@ def mlflow_er_resolve_run(client: Any, experiment_id: str, run_name: str | None,
 @hookimpl
 def mlflow_er_sink_names() -> list[str]:
     return [NAME]
+
+
+@hookimpl
+def mlflow_er_sink_needs_server(name: str) -> bool | None:
+    return False if name == NAME else None
 
 
 @hookimpl
