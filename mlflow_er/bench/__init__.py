@@ -46,7 +46,7 @@ def _options(values: list[str], flag: str) -> dict[str, dict[str, Any]]:
         name, dot, rest = item.partition(".")
         key, eq, raw = rest.partition("=")
         if not (dot and eq and name and key):
-            raise SystemExit(f"mlflow-er bench: error: {flag} expects NAME.KEY=VALUE, got {item!r}")
+            raise ValueError(f"{flag} expects NAME.KEY=VALUE, got {item!r}")
         try:
             value: Any = json.loads(raw)
         except ValueError:
@@ -107,11 +107,15 @@ def _machine() -> dict[str, Any]:
     return info
 
 
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
 def _select(contenders: list[Contender], patterns: str | None) -> list[Contender]:
     if not patterns:
         return contenders
     pats = [p.strip() for p in patterns.split(",") if p.strip()]
-    return [c for c in contenders if any(fnmatch.fnmatchcase(c.name, p) for p in pats)]
+    return [c for c in contenders if _matches(c.name, pats)]
 
 
 def _plan_contenders(probed: dict[str, Any], workloads: list[str], patterns: str | None,
@@ -131,29 +135,28 @@ def _plan_contenders(probed: dict[str, Any], workloads: list[str], patterns: str
     # Background backends right after raw log_batch (their drain is compared with it), one-request-per-call last.
     base.sort(key=lambda c: (c.kind == "er", c.kind == "er" and c.per_call))
     chosen = _select(base, patterns)
-    if not chosen:
-        raise SystemExit(f"mlflow-er bench: error: --contenders {patterns!r} matches none of "
-                         f"{[c.name for c in base]}")
     plan: dict[str, list[Contender]] = {}
+    chosen_names = {c.name for c in chosen}
+    pats = [p.strip() for p in (patterns or "").split(",") if p.strip()]
     for w in workloads:
-        if w == "memory":
-            cands: list[Contender] = []
-            for c in chosen:
-                if c.kind == "er":
-                    pols = probed.get("policies", {}).get(c.backend, [])
-                    cands.extend(c.with_policy(p) for p in pols)
-                elif applies(w, c):
-                    cands.append(c)
-            for key, why in broken.items():
-                name = key.partition(":")[2]
-                if key.startswith("policy:") and name.split("[")[0] in probed.get("policies", {}):
-                    notes.append(f"memory: {name} not run: {why}")
-            plan[w] = _select(cands, patterns) if patterns else cands
-            if patterns and not plan[w]:  # e.g. --contenders er-threaded/mlflow: keep its policies
-                plan[w] = [c for c in cands if any(c.name.startswith(x.name + "[") for x in chosen)] + [
-                    c for c in cands if c.kind == "mlflow" and c in chosen]
-        else:
+        if w != "memory":
             plan[w] = [c for c in chosen if applies(w, c)]
+            continue
+        cands: list[Contender] = []
+        for c in base:  # one memory contender per backpressure policy the backend accepts
+            if c.kind == "er":
+                cands.extend(c.with_policy(p) for p in probed.get("policies", {}).get(c.backend, []))
+            elif applies(w, c):
+                cands.append(c)
+        # selected by its own name (er-threaded/mlflow[drop]) or by its contender's (er-threaded/mlflow)
+        plan[w] = [c for c in cands if c.name.split("[")[0] in chosen_names or _matches(c.name, pats)]
+        for key, why in broken.items():
+            name = key.partition(":")[2]
+            if key.startswith("policy:") and name.split("[")[0] in probed.get("policies", {}):
+                notes.append(f"memory: {name} not run: {why}")
+    if not any(plan.values()):
+        raise ValueError(f"--contenders {patterns!r} selects nothing to run; contenders: "
+                         f"{', '.join(c.name for c in base)} (memory: NAME[block|drop|...])")
     return plan
 
 
@@ -173,8 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         print("mlflow-er bench: error: --repeat must be at least 1", file=sys.stderr)
         return 2
     sizes = sizes_for(args.quick, seed_epochs=args.epochs, seed_compute_s=args.compute, seed_file_mb=args.file_mb)
-    sink_opts = _options(args.sink_option, "--sink-option")
-    backend_opts = _options(args.backend_option, "--backend-option")
+    try:
+        sink_opts = _options(args.sink_option, "--sink-option")
+        backend_opts = _options(args.backend_option, "--backend-option")
+    except ValueError as exc:
+        print(f"mlflow-er bench: error: {exc}", file=sys.stderr)
+        return 2
 
     def progress(msg: str) -> None:
         if not args.quiet:
@@ -201,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         ctx.experiment_id = probed["experiment_id"]
         notes: list[str] = []
         skipped: list[dict[str, str]] = []
-        plan = Plan(workloads, _plan_contenders(probed, workloads, args.contenders, notes, skipped), repeat, sizes)
+        try:
+            plan = Plan(workloads, _plan_contenders(probed, workloads, args.contenders, notes, skipped), repeat,
+                        sizes)
+        except ValueError as exc:
+            print(f"mlflow-er bench: error: {exc}", file=sys.stderr)
+            return 2
         if "memory" in workloads and plan.contenders["memory"]:
             notes.append(f"memory: MLflow async contenders make {sizes.memory_mlflow_calls:,} calls (~100 µs each); "
                          "'MB per 1M' extrapolates their growth linearly; its writer is stalled by patching its "
@@ -226,13 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.keep:
             doc["notes"].append(f"store and logs kept in {store.workdir}")
-        if args.json:
-            print(json.dumps(doc, indent=2, sort_keys=False))
-        else:
-            print(report.text_report(doc))
         if args.plot:
             report.plot(doc, args.plot)
             progress(f"plot saved to {args.plot}")
+        try:
+            print(json.dumps(doc, indent=2) if args.json else report.text_report(doc), flush=True)
+        except BrokenPipeError:  # e.g. piped into `head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1 if outcome.errors else 0
     finally:
         zygote.close()

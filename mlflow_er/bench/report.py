@@ -280,7 +280,7 @@ def plot(doc: dict[str, Any], path: str) -> None:
 
     summary = doc["workloads"]
     panels = [w for w in summary if summary[w]]
-    heights = [max(2.0, 0.45 * len(summary[w]) * len(PLOT_METRICS.get(w, [1])) + 1.2) for w in panels]
+    heights = [max(1.8, 0.25 * len(summary[w]) * len(PLOT_METRICS.get(w, [1])) + 1.0) for w in panels]
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, sum(heights)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     for ax, workload in zip(axes[:, 0], panels, strict=False):
@@ -309,6 +309,6 @@ def plot(doc: dict[str, Any], path: str) -> None:
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"mlflow-er bench — {doc['store']['kind']} store, {doc['machine'].get('cpus')} CPUs, "
                  f"median of {doc['settings']['repeat']}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=120)
     plt.close(fig)
