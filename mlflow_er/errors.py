@@ -118,3 +118,7 @@ class BackendClosed(MlflowErError):
 
 class Terminated(SystemExit):
     """Raised in the main thread on SIGTERM so runs unwind, flush (bounded) and end as KILLED."""
+
+
+class RankTimeout(MlflowErError, TimeoutError):
+    """With ``ranks="all"``, rank 0 did not share the experiment or run id in time (see :mod:`mlflow_er.ranks`)."""

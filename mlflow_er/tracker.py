@@ -15,11 +15,12 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import LifecycleStage
 
-from . import plugins
+from . import health, plugins
 from .backends.base import Backend
 from .errors import DeliveryError, FailedRecord, MlflowErError, Terminated, TrackingUnavailable
 from .hookspecs import SinkContext
 from .jobs import JobRunner
+from .ranks import InactiveBackend, InactiveClient, RankPlan
 from .run import Run
 from .sinks.base import Sink
 
@@ -96,40 +97,49 @@ class ExperimentTracker:
     ``MLFLOW_ER_SINKS`` sets the default, comma-separated), ``backend_options`` (keyword
     arguments for a backend chosen by name), ``sink_options`` (per sink name, a dict of
     options) and ``close_timeout`` (seconds a run's end may wait for
-    delivery).
+    delivery). ``ranks``: ``"zero"`` (only rank 0 of a distributed job logs; the others
+    contact nothing) or ``"all"`` (every rank logs into one run, metric keys suffixed
+    ``/rank{r}``) — see :mod:`mlflow_er.ranks`. ``health_interval``: seconds between
+    samples of ``run.stats()`` logged into the run as ``mlflow_er.*`` metrics
+    (default ``$MLFLOW_ER_HEALTH_INTERVAL``, else off) — see :mod:`mlflow_er.health`.
     """
 
     def __init__(self, experiment_name: str | None = None, experiment_id: str | None = None,
                  tracking_uri: str | None = None, artifact_location: str | None = None, create_new: bool = True,
                  *, backend: str | Backend | None = None, sinks: Sequence[str | Sink] | str | None = None,
                  backend_options: dict[str, Any] | None = None, sink_options: dict[str, dict[str, Any]] | None = None,
-                 close_timeout: float | None = 300.0,
+                 close_timeout: float | None = 300.0, ranks: str = "zero", health_interval: float | None = None,
                  **experiment_tags: Any):
         self.background_workers: dict[str, Any] = {}  # the seed exposed this attribute
+        #: This process's rank in a distributed job (from the launcher's environment) and its role.
+        self.rank = RankPlan.detect(ranks)
+        inactive = self.rank.inactive  # ranks="zero" on rank > 0: build nothing that reaches a store
         pm = plugins.get_plugin_manager()
         spec = self._sink_names(sinks)
         #: True when every sink works without a server: nothing here contacts the tracking server.
-        self.offline = all(not _needs_server(pm, s) for s in spec)
-        uri = normalize_tracking_uri(tracking_uri, probe=not self.offline)
+        self.offline = inactive or all(not _needs_server(pm, s) for s in spec)
+        uri = tracking_uri if inactive else normalize_tracking_uri(tracking_uri, probe=not self.offline)
         if uri is not None and not self.offline:
             mlflow.set_tracking_uri(uri)  # as the seed did: fluent calls inside a run go there too
-        self._uri = uri or mlflow.get_tracking_uri()
-        self.client = MlflowClient(self._uri)  # constructing a client sends no request
+        self._uri = os.fspath(uri) if uri else mlflow.get_tracking_uri()
+        # Constructing a client sends no request, but on a sqlite URI it creates the database.
+        self.client = InactiveClient(self.rank) if inactive else MlflowClient(self._uri)
         resolver_client = None if self.offline else self.client
+        self.health_interval = None if inactive else health.interval(health_interval)
         self.close_timeout = close_timeout
         tags = {k: str(v) for k, v in experiment_tags.items()}
         commit = git_commit()
         tags.setdefault("git_commit", commit)
-        self._experiment = pm.hook.mlflow_er_resolve_experiment(
+        self._experiment = self.rank.resolve_experiment(pm.hook.mlflow_er_resolve_experiment, dict(
             client=resolver_client, experiment_name=experiment_name, experiment_id=experiment_id,
-            artifact_location=artifact_location, create_new=create_new, tags=tags)
+            artifact_location=artifact_location, create_new=create_new, tags=tags), offline=self.offline)
         if self._experiment is None:
             raise MlflowErError("no plugin resolved the experiment")
         self.git_commit = (self._experiment.tags or {}).get("git_commit", commit)
-        self._backend = self._build_backend(backend, backend_options or {})
+        self._backend = InactiveBackend(self.rank) if inactive else self._build_backend(backend, backend_options or {})
         self._sink_options = sink_options or {}
         self._own: dict[int, str] = {}  # id(sink) -> name, for the sinks built here by name
-        self._sinks = [self._make_sink(s) for s in spec]
+        self._sinks = [] if inactive else [self._make_sink(s) for s in spec]
         self._sinks_closed = False
         self._open_runs = 0
         self._jobs = JobRunner()
@@ -181,7 +191,8 @@ class ExperimentTracker:
 
     def _online(self, what: str) -> None:
         if self.offline:
-            raise MlflowErError(f"{what} needs the tracking server; this tracker is offline (spool-only sinks)")
+            why = f"{self.rank.describe()} is inactive, ranks='zero'" if self.rank.inactive else "spool-only sinks"
+            raise MlflowErError(f"{what} needs the tracking server; this tracker is offline ({why})")
 
     @property
     def id(self) -> str:
@@ -256,6 +267,9 @@ class ExperimentTracker:
         ``fork()`` of this process). All jobs are joined, with a bound, when the run ends;
         failures are raised there as :class:`DeliveryError`.
         """
+        if self.rank.inactive:  # a logging job: only rank 0 logs (and its fluent calls would reach the server)
+            log.debug("background_worker %r not run: %s is inactive (ranks='zero')", name, self.rank.describe())
+            return
         active = self._active[-1].run_id if self._active else None
         self._jobs.submit(name, logger, use_process, args, kwargs, self._uri, active, self.close_timeout)
 
@@ -275,13 +289,15 @@ class ExperimentTracker:
             parent_id = parent.info.run_id if (nested and parent) else None
         tags = {k: str(v) for k, v in run_tags.items()}
         pm = plugins.get_plugin_manager()
-        rid = pm.hook.mlflow_er_resolve_run(client=None if self.offline else self.client, experiment_id=self.id,
-                                            run_name=run_name, run_id=run_id, description=description,
-                                            parent_run_id=parent_id, tags=tags)
+        rid = self.rank.resolve_run(pm.hook.mlflow_er_resolve_run, dict(
+            client=None if self.offline else self.client, experiment_id=self.id, run_name=run_name, run_id=run_id,
+            description=description, parent_run_id=parent_id, tags=tags))
         if rid is None:
             raise MlflowErError("no plugin resolved the run")
         params: dict[str, str] = {}
-        if not self.offline:  # offline there is no MLflow run to make active: fluent calls are not routed
+        # Offline there is no MLflow run to make active (fluent calls are not routed); with
+        # ranks="all" only rank 0 starts (and ends) it.
+        if not self.offline and self.rank.owns_runs:
             active = mlflow.start_run(run_id=rid, nested=nested, tags=tags or None, description=description)
             params = active.data.params if active.data else {}
         if self._open_runs == 0:
@@ -293,8 +309,9 @@ class ExperimentTracker:
         self._open_runs += 1
         for sink in self._sinks:
             sink.start_run(rid, run_name=run_name, parent_run_id=parent_id, description=description, tags=tags)
-        handle = Run(rid, self._backend, None if self.offline else self.client, params, tracker=self)
+        handle = self.rank.make_run(rid, self._backend, None if self.offline else self.client, params, tracker=self)
         self._active.append(handle)
+        exporter = health.start(handle, self.health_interval)
         status = "FINISHED"
         block_error: BaseException | None = None
         try:
@@ -307,6 +324,8 @@ class ExperimentTracker:
             raise
         finally:
             self._active.pop()
+            if exporter is not None:
+                exporter.stop()  # a last sample, before the final flush delivers it
             self._finish(handle, status, block_error)
 
     def _close_own_sinks(self) -> list[FailedRecord]:
@@ -332,7 +351,7 @@ class ExperimentTracker:
                 self._backend.flush(self.close_timeout)
         except DeliveryError as exc:
             problem = exc
-        for sink in self._sinks:
+        for sink in self._sinks if self.rank.owns_runs else ():  # with ranks="all" rank 0 ends the run
             try:
                 sink.end_run(handle.run_id, status)
             except Exception as exc:
