@@ -1,0 +1,234 @@
+"""``ranks=``: several processes of one job (``RANK=0..3``, ``WORLD_SIZE=4``) and what each one logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from mlflow_er import ExperimentTracker, MlflowErError
+from mlflow_er.errors import RankTimeout
+from mlflow_er.ranks import RankPlan
+from mlflow_er.tracker import normalize_tracking_uri
+
+WORKER = Path(__file__).resolve().parent / "scripts" / "rank_worker.py"
+STEPS = 150
+RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+             "PMI_RANK", "PMI_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "MLFLOW_RUN_ID")
+
+
+class CountingListener:
+    """A TCP listener on 127.0.0.1 that counts connection attempts (a server that must not be called)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def no_rank_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """The test process itself is no rank of anything, whatever launched pytest."""
+    for name in RANK_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def start_ranks(tmp_path: Path, uri: str, ranks: str, which: Sequence[int], *extra: str,
+                per_rank: dict[int, Sequence[str]] | None = None,
+                uri_for: dict[int, str] | None = None) -> list[subprocess.Popen[str]]:
+    """Start one worker per rank in ``which``; they share ``MLFLOW_ER_RANK_DIR`` under ``tmp_path``."""
+    procs = []
+    for r in which:
+        env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+        env.update(RANK=str(r), WORLD_SIZE="4", LOCAL_RANK=str(r), MLFLOW_ER_RANK_DIR=str(tmp_path / "rankdir"),
+                   MLFLOW_ER_RANK_TIMEOUT="60", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
+                   MLFLOW_ER_STAGING_DIR=str(tmp_path / f"staging{r}"))
+        argv = [sys.executable, str(WORKER), (uri_for or {}).get(r, uri), ranks, str(STEPS), *extra,
+                *(per_rank or {}).get(r, ())]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      cwd=tmp_path, stdin=subprocess.DEVNULL))
+    return procs
+
+
+def results(procs: list[subprocess.Popen[str]]) -> list[dict]:
+    out = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, f"rank failed:\n{stderr[-3000:]}"
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def metric_counts(client: MlflowClient, run_id: str) -> dict[str, int]:
+    keys = client.get_run(run_id).data.metrics
+    return {k: len(client.get_metric_history(run_id, k)) for k in keys}
+
+
+@pytest.mark.timeout(60)
+def test_zero_only_rank0_writes_and_other_ranks_make_no_server_traffic(tmp_path: Path, no_rank_env) -> None:
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    listener = CountingListener()
+    try:
+        # Ranks 1-3 run to completion before rank 0 starts: they must not even create the
+        # store. A fourth "rank 1" points at a listener that counts every connection.
+        procs = start_ranks(tmp_path, uri, "zero", [1, 2, 3])
+        procs += start_ranks(tmp_path, uri, "zero", [1], "--job-marker", str(tmp_path / "job-ran"),
+                             uri_for={1: listener.uri})
+        members = results(procs)
+        assert listener.connections == 0, "an inactive rank contacted the tracking server"
+    finally:
+        listener.close()
+    assert not db.exists(), "an inactive rank created the sqlite store"
+    assert not (tmp_path / "job-ran").exists(), "background_worker ran a job on an inactive rank"
+    for m in members:
+        s = m["stats"]
+        assert (s["rank"], s["world_size"], s["role"]) == (m["rank"], 4, "inactive")
+        # every call was accepted, validated and counted: 2 params, 1 tag, 1 artifact, STEPS + 2 metrics
+        assert s["discarded"] == STEPS + 6 and s["delivered"] == 0 and s["queued"] == 0
+        assert m["run_id"] == "" and not m["torch"]
+
+    [leader] = results(start_ranks(tmp_path, uri, "zero", [0]))
+    assert leader["stats"].get("role") is None  # rank 0 is an ordinary run
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ranks-exp")
+    [run] = client.search_runs([exp.experiment_id])
+    assert run.info.run_id == leader["run_id"] and run.info.status == "FINISHED"
+    assert metric_counts(client, run.info.run_id) == {"loss": STEPS, "acc": 1, "tput": 1}
+    assert run.data.params == {"lr": "0.01", "seed": "0"}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "notes")] == ["notes/rank0.txt"]
+
+    # The control: the listener does count a client that does contact it.
+    listener = CountingListener()
+    try:
+        with pytest.raises(MlflowErError):
+            normalize_tracking_uri(listener.uri)
+        assert listener.connections >= 1
+    finally:
+        listener.close()
+
+
+@pytest.mark.timeout(75)
+def test_all_ranks_log_into_one_run_with_rank_keys(tmp_path: Path, no_rank_env) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # create the schema once: 4 first connections would race to migrate
+    done = tmp_path / "rank0-done"
+    procs = start_ranks(tmp_path, uri, "all", [0, 1, 2, 3], per_rank={
+        0: ["--done", str(done)],
+        3: ["--fail-after", str(done)],  # fails after rank 0 ended the run: must not change its status
+    })
+    out = {r["rank"]: r for r in results(procs)}
+    assert {r["run_id"] for r in out.values()} == {out[0]["run_id"]}
+    assert "fails after rank 0" in out[3]["error"] and not any(r["torch"] for r in out.values())
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ranks-exp")
+    [run] = client.search_runs([exp.experiment_id])
+    rid = run.info.run_id
+    assert rid == out[0]["run_id"]
+    expected = {}
+    for r in range(4):
+        expected.update({f"loss/rank{r}": STEPS, f"acc/rank{r}": 1, f"tput/rank{r}": 1})
+    assert metric_counts(client, rid) == expected
+    assert [m.value for m in client.get_metric_history(rid, "tput/rank2")] == [102.0]
+    # params, tags and artifacts from rank 0 only; rank 0 alone ended the run
+    assert run.data.params == {"lr": "0.01", "seed": "0"}
+    assert run.data.tags["written_by"] == "rank0"
+    assert [a.path for a in client.list_artifacts(rid, "notes")] == ["notes/rank0.txt"]
+    assert run.info.status == "FINISHED"
+    for r, res in out.items():
+        s = res["stats"]
+        assert (s["rank"], s["role"]) == (r, "leader" if r == 0 else "member")
+        assert s["discarded"] == (0 if r == 0 else 4)  # 2 params, 1 tag, 1 artifact
+
+
+@pytest.mark.timeout(30)
+def test_member_uses_mlflow_run_id_and_never_ends_the_run(tracking_uri: str, no_rank_env, tmp_path: Path) -> None:
+    leader = ExperimentTracker("shared", tracking_uri=tracking_uri)
+    with leader.run(run_name="launcher-made") as run:
+        rid = run.run_id
+    client = MlflowClient(tracking_uri)
+    client.update_run(rid, status="RUNNING")
+    no_rank_env.setenv("RANK", "1")
+    no_rank_env.setenv("WORLD_SIZE", "2")
+    no_rank_env.setenv("MLFLOW_RUN_ID", rid)
+    no_rank_env.setenv("MLFLOW_ER_RANK_DIR", str(tmp_path / "empty"))  # nothing there: the env var must do
+    member = ExperimentTracker("shared", tracking_uri=tracking_uri, ranks="all", backend="threaded")
+    with member.run(run_name="ignored") as run:
+        assert run.run_id == rid
+        run.log_metric("loss", 0.5, step=1)
+        run.log_param("lr", 0.1)
+        with pytest.raises(MlflowErError, match="metric key"):
+            run.log_metric("bad key!", 1.0)
+    stored = client.get_run(rid)
+    assert stored.data.metrics == {"loss/rank1": 0.5}
+    assert stored.data.params == {}
+    assert stored.info.status == "RUNNING"  # a member flushes; it does not end the run
+
+
+@pytest.mark.timeout(30)
+def test_member_times_out_clearly_without_rank0(tracking_uri: str, no_rank_env, tmp_path: Path) -> None:
+    no_rank_env.setenv("RANK", "2")
+    no_rank_env.setenv("WORLD_SIZE", "4")
+    no_rank_env.setenv("MLFLOW_ER_RANK_DIR", str(tmp_path / "rankdir"))
+    no_rank_env.setenv("MLFLOW_ER_RANK_TIMEOUT", "0.5")
+    with pytest.raises(RankTimeout, match="rank 0 did not share the experiment 'nobody-made-it'.*MLFLOW_ER_RANK_DIR"):
+        ExperimentTracker("nobody-made-it", tracking_uri=tracking_uri, ranks="all")
+    assert MlflowClient(tracking_uri).get_experiment_by_name("nobody-made-it") is None  # a member never creates
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, ("single", 0, 1)),
+    ({"RANK": "3", "WORLD_SIZE": "4"}, ("inactive", 3, 4)),
+    ({"RANK": "0", "WORLD_SIZE": "4"}, ("leader", 0, 4)),
+    ({"RANK": "0", "WORLD_SIZE": "1"}, ("single", 0, 1)),
+    ({"LOCAL_RANK": "1"}, ("inactive", 1, None)),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8"}, ("inactive", 5, 8)),
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "3"}, ("inactive", 2, 3)),
+    ({"RANK": "0", "WORLD_SIZE": "8", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, ("leader", 0, 8)),  # srun torchrun
+])
+def test_rank_detection(env: dict[str, str], expected: tuple) -> None:
+    plan = RankPlan.detect("zero", env)
+    assert (plan.role, plan.rank, plan.world_size) == expected
+    assert RankPlan.detect("all", env).role == {"inactive": "member"}.get(expected[0], expected[0])
+
+
+def test_rank_detection_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="ranks must be one of"):
+        RankPlan.detect("some")
+    with pytest.raises(MlflowErError, match="RANK='x'"):
+        RankPlan.detect("zero", {"RANK": "x"})
+    with pytest.raises(MlflowErError, match="not below"):
+        RankPlan.detect("zero", {"RANK": "4", "WORLD_SIZE": "4"})
