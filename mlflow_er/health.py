@@ -19,10 +19,10 @@ at step 0, 1, 2 ... (one per sample). The records go through the run's own backe
 any metric, so exporting adds no request of its own: with the ``threaded`` backend they
 ride in the batches the writer sends anyway. They are stamped and handed to the backend
 directly, not through ``run.log_metrics``, so the export never shows up in the latency it
-reports. The thread stops when the block ends, after one last sample taken just before
-the run's final flush. Inactive ranks (``ranks="zero"``, rank > 0) export nothing; with
-``ranks="all"`` each rank exports its own, suffixed like its other metrics
-(``mlflow_er.queue_depth/rank1``).
+reports. The thread stops when the block ends, after one last sample taken as the block
+ends — before the run's final flush, so it shows what that flush still had to deliver.
+Inactive ranks (``ranks="zero"``, rank > 0) export nothing; with ``ranks="all"`` each
+rank exports its own, suffixed like its other metrics (``mlflow_er.queue_depth/rank1``).
 """
 
 from __future__ import annotations
