@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .backends.base import Backend
 from .errors import (
     BackendClosed,
@@ -25,7 +27,9 @@ from .hookspecs import SinkContext, hookimpl
 from .records import Artifact, Batch, Metric, Param, Tag
 from .run import Run
 from .sinks.base import Sink
-from .tracker import ExperimentTracker
+
+if TYPE_CHECKING:
+    from .tracker import ExperimentTracker
 
 __version__ = "0.2.0"
 
@@ -34,3 +38,18 @@ __all__ = [
     "FailedRecord", "InvalidRecord", "Metric", "MlflowErError", "Param", "QueueFull", "Run", "Sink", "SinkContext",
     "SinkError", "Tag", "TrackingUnavailable", "UnknownPlugin", "hookimpl",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ExperimentTracker imports mlflow at module level. MLflow itself imports this package
+    # while `import mlflow` is still running (its `mlflow.tracking_store` entry points name
+    # mlflow_er.mlflow_store), so nothing imported eagerly here may need mlflow yet.
+    if name == "ExperimentTracker":
+        from .tracker import ExperimentTracker
+
+        return ExperimentTracker
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "ExperimentTracker"])

@@ -65,9 +65,13 @@ class MlflowSink(Sink):
     name = NAME
 
     def __init__(self, tracking_uri: str, request_timeout: float = 30.0):
+        from ..mlflow_store import inner_uri
+
         self.tracking_uri = tracking_uri
         self.request_timeout = request_timeout
-        self.client = MlflowClient(tracking_uri)
+        # Under a `threaded+`/`spool+` tracking URI, write to the real store: going through the
+        # scheme would queue every record twice and make this sink's "delivered" mean "queued".
+        self.client = MlflowClient(inner_uri(tracking_uri))
         store = self.client._tracking_client.store
         # Only REST stores expose host credentials; they get the retry-free path.
         self._host_creds = store.get_host_creds() if hasattr(store, "get_host_creds") else None

@@ -1,0 +1,500 @@
+"""MLflow tracking-store plugin: unchanged ``mlflow.log_*`` code on mlflow-er's fast path.
+
+mlflow-er registers URI schemes through MLflow's ``mlflow.tracking_store`` entry point.
+``mlflow.set_tracking_uri("threaded+http://host:5000")`` (or ``MLFLOW_TRACKING_URI``)
+makes MLflow build the ordinary store of ``http://host:5000`` — with MLflow's own
+builder, so it *is* a ``RestStore`` (or ``SqlAlchemyStore``) — whose run-data writes
+(``log_batch``, ``log_metric``, ``log_param``, ``set_tag`` and their ``*_async`` twins,
+hence ``mlflow.log_*`` and ``mlflow.autolog()``) are validated and stamped in the caller
+and handed to one per-process mlflow-er ``threaded`` backend per inner URI. Everything
+else (create/get/search runs and experiments, artifacts, logged models, traces, the
+"View run" link) is the real store's own code on the inner URI.
+
+``spool+<uri>`` adds the ``spool`` sink in front of the ``mlflow`` sink: each batch is
+fsynced to ``$MLFLOW_ER_SPOOL_DIR`` (default ``./mlflow-er-spool``) before it is sent, so
+``mlflow-er sync`` can replay what the server never got.
+
+A run that ends (``mlflow.end_run()``, leaving ``with mlflow.start_run()``) first waits for
+its records; :class:`~mlflow_er.errors.DeliveryError` is raised from ``end_run`` for
+whatever failed, after the run's status was stored (never when the run ends FAILED or
+KILLED: then the problem is logged so the block's own exception is not masked).
+
+This module is imported by MLflow while ``import mlflow`` is still running: nothing at
+module level may import mlflow.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import threading
+from typing import Any
+
+from .errors import DeliveryError, FailedRecord, InvalidRecord
+from .records import Metric, Param, Tag
+from .validation import (
+    _VALID_KEYS,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_PARAM_VALUE_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
+    check_key,
+    check_metric_value,
+    check_param_value,
+    check_step,
+    check_tag_value,
+    check_timestamp,
+)
+
+log = logging.getLogger(__name__)
+
+#: Scheme prefixes and what they add: ``threaded`` = mlflow sink; ``spool`` = spool + mlflow sinks.
+MODES = ("threaded", "spool")
+ENV_FLUSH_TIMEOUT = "MLFLOW_ER_FLUSH_TIMEOUT"
+DEFAULT_FLUSH_TIMEOUT = 300.0
+
+
+def split_uri(uri: str) -> tuple[str | None, str]:
+    """``"threaded+http://h"`` -> ``("threaded", "http://h")``; a URI without our prefix -> ``(None, uri)``."""
+    head, sep, rest = uri.partition("+")
+    if sep and head in MODES and rest:
+        return head, rest
+    return None, uri
+
+
+def inner_uri(uri: str | None) -> str | None:
+    """The real store's URI behind one of our schemes (other URIs unchanged)."""
+    return None if uri is None else split_uri(uri)[1]
+
+
+def flush_timeout() -> float:
+    """Seconds a run's end (or an order-keeping flush) may wait: ``$MLFLOW_ER_FLUSH_TIMEOUT``, else 300."""
+    try:
+        return float(os.environ.get(ENV_FLUSH_TIMEOUT) or DEFAULT_FLUSH_TIMEOUT)
+    except ValueError:
+        return DEFAULT_FLUSH_TIMEOUT
+
+
+def _invalid(exc: InvalidRecord) -> Exception:
+    # Code written for MLflow catches MlflowException; the cause keeps mlflow-er's detail.
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    err = MlflowException(str(exc), INVALID_PARAMETER_VALUE)
+    err.__cause__ = exc
+    return err
+
+
+def _fit(kind: str, key: str, value: str, limit: int) -> str:
+    """Truncate as MLflow's own stores do when ``MLFLOW_TRUNCATE_LONG_VALUES`` is on (its default).
+
+    Unchanged MLflow code (autolog logs every estimator parameter) expects MLflow's rule;
+    rejecting the value would lose the whole call. With the variable off, it raises.
+    """
+    if len(value) <= limit:
+        return value
+    from mlflow.environment_variables import MLFLOW_TRUNCATE_LONG_VALUES
+
+    if not MLFLOW_TRUNCATE_LONG_VALUES.get():
+        return value  # the check that follows raises
+    log.warning("%s %r value (%d characters) is truncated to %d characters, as MLflow does",
+                kind, key, len(value), limit)
+    return value[:limit]
+
+
+# -- the per-process delivery path ---------------------------------------------------------------
+class _Route:
+    """One backend and its sinks for one (mode, inner URI), shared by every store MLflow builds for it."""
+
+    def __init__(self, mode: str, inner: str):
+        from . import plugins
+        from .hookspecs import SinkContext
+
+        ctx = SinkContext(inner)
+        # Spool first: a batch is on disk before the (possibly retrying) mlflow sink sees it.
+        self.sinks = [plugins.make_sink("spool", ctx)] if mode == "spool" else []
+        self.sinks.append(plugins.make_sink("mlflow", ctx))
+        self.backend = plugins.make_backend("threaded")
+        self.backend.open(self.sinks)
+        self.uri = f"{mode}+{inner}"
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.seqs: dict[str, itertools.count] = {}
+        self.params: dict[str, dict[str, str]] = {}
+        self.live: set[str] = set()  # runs started or written here and not ended here
+        self.failures: list[FailedRecord] = []  # kept until their run ends (or an explicit flush)
+        atexit.register(self._at_exit)
+
+    def seq(self, run_id: str) -> itertools.count:
+        seq = self.seqs.get(run_id)
+        if seq is None:
+            with self.lock:
+                seq = self.seqs.setdefault(run_id, itertools.count())
+                self.live.add(run_id)
+        return seq
+
+    def flush(self, timeout: float | None) -> None:
+        """Wait for delivery, keeping what failed for the end of its run; raise only if time ran out."""
+        try:
+            self.backend.flush(timeout)
+        except DeliveryError as exc:
+            with self.lock:
+                self.failures.extend(exc.failed)
+            if exc.unsent:
+                raise DeliveryError(unsent=exc.unsent, message=f"{self.uri}: {exc}") from None
+
+    def take(self, run_id: str | None = None) -> list[FailedRecord]:
+        """Failures of ``run_id`` and of runs not live here any more (all of them for ``None``)."""
+        mine: list[FailedRecord] = []
+        kept: list[FailedRecord] = []
+        with self.lock:
+            for f in self.failures:
+                (mine if run_id is None or f.run_id == run_id or f.run_id not in self.live else kept).append(f)
+            self.failures = kept
+        return mine
+
+    def start_run(self, run: Any) -> None:
+        self.seq(run.info.run_id)
+        tags = dict(run.data.tags) if run.data else {}
+        for sink in self.sinks[:-1]:  # the spool records how the run began, for `mlflow-er sync`
+            sink.start_run(run.info.run_id, run_name=run.info.run_name, parent_run_id=tags.get("mlflow.parentRunId"),
+                           description=tags.get("mlflow.note.content"), tags=tags)
+
+    def end_run(self, run_id: str, status: str) -> list[FailedRecord]:
+        failed = []
+        for sink in self.sinks[:-1]:
+            try:
+                sink.end_run(run_id, status)
+            except Exception as exc:
+                failed.append(FailedRecord("sink", sink.name, f"end_run failed: {type(exc).__name__}: {exc}", run_id))
+        with self.lock:
+            self.live.discard(run_id)
+            self.params.pop(run_id, None)
+        return failed + self.take(run_id)
+
+    def _at_exit(self) -> None:
+        # Before the backends' own drain (atexit is LIFO): what failed must be logged, not kept.
+        if self.pid != os.getpid():
+            return
+        try:
+            self.backend.close(getattr(self.backend, "close_timeout", 30.0))
+        except DeliveryError as exc:
+            self.failures.extend(exc.failed)
+            if exc.unsent:
+                log.error("mlflow-er %s: at exit, %d record(s) unsent", self.uri, exc.unsent)
+        except Exception:
+            log.exception("mlflow-er %s: closing at exit failed", self.uri)
+        left = self.take()
+        if left:
+            log.error("mlflow-er %s: at exit, %s", self.uri, DeliveryError(left))
+
+
+_routes: dict[tuple[str, str], _Route] = {}
+_routes_lock = threading.Lock()
+
+
+def _route(key: tuple[str, str]) -> _Route:
+    route = _routes.get(key)
+    if route is None:
+        with _routes_lock:
+            route = _routes.get(key)
+            if route is None:
+                route = _routes[key] = _Route(*key)
+    return route
+
+
+if hasattr(os, "register_at_fork"):
+    # A forked child builds its own route: the parent's records are the parent's to deliver.
+    os.register_at_fork(after_in_child=_routes.clear)
+
+
+def flush(timeout: float | None = None) -> None:
+    """Wait until every record logged through the schemes in this process is delivered.
+
+    Raises :class:`DeliveryError` for everything that failed so far (any run) or is still
+    unsent after ``timeout``. ``mlflow.flush_async_logging()`` does the same for the
+    current tracking URI.
+    """
+    failed: list[FailedRecord] = []
+    unsent = 0
+    for route in list(_routes.values()):
+        try:
+            route.flush(timeout)
+        except DeliveryError as exc:
+            unsent += exc.unsent
+        failed += route.take()
+    if failed or unsent:
+        raise DeliveryError(failed, unsent=unsent)
+
+
+def stats() -> dict[str, dict[str, Any]]:
+    """Backend counters (queued, delivered, failed, dropped, ...) per scheme URI used in this process."""
+    return {route.uri: route.backend.stats() for route in list(_routes.values())}
+
+
+# -- the store ----------------------------------------------------------------------------------
+class RoutedWrites:
+    """Mixed in before the real store class: run-data writes go to the route, the rest is the store's own."""
+
+    _er_key: tuple[str, str]
+
+    # -- the hot path --------------------------------------------------------------------------
+    def log_batch(self, run_id: str, metrics: Any = (), params: Any = (), tags: Any = ()) -> None:
+        route = _routes.get(self._er_key) or _route(self._er_key)
+        seq = route.seq(run_id)
+        recs: list[Any] = []
+        linked = []
+        staged: dict[str, str] = {}
+        try:
+            for m in metrics:
+                if m.model_id or m.dataset_name or m.dataset_digest:
+                    linked.append(m)  # a record cannot carry the LoggedModel/dataset link
+                    continue
+                key, value, step, ts = m.key, m.value, m.step, m.timestamp
+                if key not in _VALID_KEYS:
+                    check_key(key, "metric key")
+                if type(value) is not float:
+                    value = check_metric_value(key, value)
+                if type(step) is not int or not INT64_MIN <= step <= INT64_MAX:
+                    step = check_step(key, 0 if step is None else step)
+                if type(ts) is not int or not 0 <= ts <= INT64_MAX:
+                    ts = check_timestamp(key, ts)
+                recs.append((key, value, ts, step))
+            if params:
+                known = route.params.get(run_id, {})
+                for p in params:
+                    key = check_key(p.key, "param key")
+                    value = check_param_value(key, _fit("Param", key, str(p.value), MAX_PARAM_VALUE_LENGTH))
+                    prev = staged.get(key, known.get(key))
+                    if prev is not None and prev != value:
+                        raise InvalidRecord(f"param {key!r}", f"already logged as {prev!r}, cannot change to "
+                                            f"{value!r:.80}", "MLflow params are immutable within a run")
+                    if prev is None:
+                        staged[key] = value
+            tag_recs = [(check_key(t.key, "tag key"),
+                         check_tag_value(t.key, _fit("Tag", t.key, str(t.value), MAX_TAG_VALUE_LENGTH)))
+                        for t in tags]
+        except InvalidRecord as exc:
+            raise _invalid(exc) from exc
+        # Everything validated: only now is anything queued (a log_batch is all or nothing).
+        out: list[Any] = [Metric(run_id, k, v, ts, s, next(seq)) for k, v, ts, s in recs]
+        if staged or tag_recs:
+            now = _now_ms()
+            if staged:
+                with route.lock:
+                    route.params.setdefault(run_id, {}).update(staged)
+                out += [Param(run_id, k, v, now, next(seq)) for k, v in staged.items()]
+            out += [Tag(run_id, k, v, now, next(seq)) for k, v in tag_recs]
+        if len(out) == 1:
+            route.backend.submit(out[0])
+        elif out:
+            route.backend.submit_many(out)
+        if linked:
+            # Straight to the store, after everything before it: MLflow links these to a model.
+            route.flush(flush_timeout())
+            super().log_batch(run_id, metrics=linked, params=[], tags=[])  # type: ignore[misc]
+
+    def log_metric(self, run_id: str, metric: Any) -> None:
+        self.log_batch(run_id, (metric,), (), ())
+
+    def log_param(self, run_id: str, param: Any) -> None:
+        self.log_batch(run_id, (), (param,), ())
+
+    def set_tag(self, run_id: str, tag: Any) -> None:
+        self.log_batch(run_id, (), (), (tag,))
+
+    # MLflow's async API: our path never blocks, so the returned operation is already done.
+    # Delivery errors surface where the run ends, as for the synchronous calls.
+    def log_batch_async(self, run_id: str, metrics: Any, params: Any, tags: Any) -> Any:
+        self.log_batch(run_id, metrics, params, tags)
+        return _done()
+
+    def log_metric_async(self, run_id: str, metric: Any) -> Any:
+        return self.log_batch_async(run_id, (metric,), (), ())
+
+    def log_param_async(self, run_id: str, param: Any) -> Any:
+        return self.log_batch_async(run_id, (), (param,), ())
+
+    def set_tag_async(self, run_id: str, tag: Any) -> Any:
+        return self.log_batch_async(run_id, (), (), (tag,))
+
+    # -- writes that must come after what is queued ----------------------------------------------
+    def _er_in_order(self) -> None:
+        route = _routes.get(self._er_key)
+        if route is not None:
+            route.flush(flush_timeout())
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self._er_in_order()  # a queued set_tag of this key must land before the delete
+        super().delete_tag(run_id, key)  # type: ignore[misc]
+
+    def log_inputs(self, run_id: str, datasets: Any = None, models: Any = None) -> None:
+        self._er_in_order()
+        super().log_inputs(run_id, datasets=datasets, models=models)  # type: ignore[misc]
+
+    def log_outputs(self, run_id: str, models: Any) -> None:
+        self._er_in_order()
+        super().log_outputs(run_id, models)  # type: ignore[misc]
+
+    def record_logged_model(self, run_id: str, mlflow_model: Any) -> None:
+        self._er_in_order()
+        super().record_logged_model(run_id, mlflow_model)  # type: ignore[misc]
+
+    def delete_run(self, run_id: str) -> None:
+        self._er_in_order()  # records for a deleted run would be rejected
+        super().delete_run(run_id)  # type: ignore[misc]
+
+    def create_run(self, *args: Any, **kwargs: Any) -> Any:
+        run = super().create_run(*args, **kwargs)  # type: ignore[misc]
+        _route(self._er_key).start_run(run)
+        return run
+
+    def update_run_info(self, run_id: str, run_status: Any, end_time: Any, run_name: Any) -> Any:
+        """Flush, store the update, and — when the run ends — raise what failed to be delivered."""
+        from mlflow.entities import RunStatus
+
+        route = _routes.get(self._er_key)
+        if route is None:
+            return super().update_run_info(run_id, run_status, end_time, run_name)  # type: ignore[misc]
+        ending = run_status is not None and RunStatus.is_terminated(run_status)
+        late: DeliveryError | None = None
+        try:
+            route.flush(flush_timeout())
+        except DeliveryError as exc:
+            if not ending:
+                raise
+            late = exc  # the run still ends; the shortfall is reported below
+        info = super().update_run_info(run_id, run_status, end_time, run_name)  # type: ignore[misc]
+        if ending:
+            failed = route.end_run(run_id, RunStatus.to_string(run_status))
+            if failed or late:
+                error = DeliveryError(failed, unsent=late.unsent if late else 0)
+                if run_status != RunStatus.FINISHED:
+                    # The run failed or was killed: its own exception is what the user must see.
+                    log.error("mlflow-er: run %s ended %s; %s", run_id, RunStatus.to_string(run_status), error)
+                else:
+                    raise error
+        return info
+
+    def flush_async_logging(self) -> None:
+        """``mlflow.flush_async_logging()``: wait for this URI's records; raise what failed so far."""
+        route = _routes.get(self._er_key)
+        if route is not None:
+            route.flush(flush_timeout())
+            failed = route.take()
+            if failed:
+                raise DeliveryError(failed)
+        super().flush_async_logging()  # type: ignore[misc]
+
+
+def _now_ms() -> int:
+    import time
+
+    return time.time_ns() // 1_000_000
+
+
+def _done() -> Any:
+    from concurrent.futures import Future
+
+    from mlflow.utils.async_logging.run_operations import RunOperations
+
+    fut: Future[None] = Future()
+    fut.set_result(None)
+    return RunOperations([fut])
+
+
+_classes: dict[type, type] = {}
+
+
+def _routed_class(base: type) -> type:
+    cls = _classes.get(base)
+    if cls is None:
+        cls = _classes[base] = type(f"MlflowEr{base.__name__}", (RoutedWrites, base), {"__module__": __name__})
+    return cls
+
+
+def build_store(store_uri: str, artifact_uri: str | None = None, **_: Any) -> Any:
+    """The ``mlflow.tracking_store`` entry point for ``threaded+<uri>`` and ``spool+<uri>``.
+
+    MLflow calls this with its store-building lock held, so it builds the inner store
+    with the inner scheme's builder directly (``get_store`` would wait on that lock
+    forever) and creates no client: the route is made on the first write.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service import utils
+
+    mode, inner = split_uri(store_uri)
+    if mode is None:
+        raise MlflowException(f"mlflow-er: {store_uri!r} has none of the prefixes {', '.join(p + '+' for p in MODES)}")
+    builder = utils._tracking_store_registry.get_store_builder(inner)
+    if builder is build_store:
+        raise MlflowException(f"mlflow-er: {store_uri!r} stacks two mlflow-er prefixes; use one")
+    store = builder(store_uri=inner, artifact_uri=artifact_uri)
+    # The store MLflow's builder just made (nobody else holds it) becomes an instance of a
+    # subclass that only adds the routed writes: isinstance checks (RestStore for the run
+    # link, SqlAlchemyStore for the gateway) and every other method stay MLflow's own.
+    store.__class__ = _routed_class(type(store))
+    store._er_key = (mode, inner)
+    _install_companions()
+    return store
+
+
+# -- artifacts and the model registry follow the tracking URI: give them the inner one ---------------
+_companions = False
+
+
+def _install_companions() -> None:
+    global _companions
+    if _companions:
+        return
+    _companions = True
+    try:
+        _route_mlflow_artifacts()
+        _route_model_registry()
+    except Exception as exc:  # a later MLflow may move these internals; tracking still works
+        log.warning("mlflow-er: could not route artifacts/model registry to the inner URI: %s", exc)
+
+
+def _route_mlflow_artifacts() -> None:
+    """``mlflow-artifacts:`` repositories insist on an http(s) tracking URI: hand them the inner one."""
+    from mlflow.store.artifact.artifact_repository_registry import _artifact_repository_registry as registry
+
+    original = registry._registry.get("mlflow-artifacts")
+    if original is None or getattr(original, "_mlflow_er_original", None) is not None:
+        return
+
+    def mlflow_artifacts_repository(artifact_uri: str, tracking_uri: str | None = None,
+                                    registry_uri: str | None = None) -> Any:
+        from mlflow.tracking._tracking_service.utils import get_tracking_uri
+
+        return original(artifact_uri, tracking_uri=inner_uri(tracking_uri or get_tracking_uri()),
+                        registry_uri=inner_uri(registry_uri))
+
+    mlflow_artifacts_repository._mlflow_er_original = original  # type: ignore[attr-defined]
+    registry.register("mlflow-artifacts", mlflow_artifacts_repository)
+
+
+def _route_model_registry() -> None:
+    """The registry URI defaults to the tracking URI: serve our schemes with the inner registry store."""
+    from mlflow.tracking._model_registry.utils import _get_store_registry
+    from mlflow.tracking._tracking_service import utils
+
+    registry = _get_store_registry()
+    for scheme, builder in list(utils._tracking_store_registry._registry.items()):
+        if builder is build_store and scheme not in registry._registry:
+            registry.register(scheme, build_registry_store)
+
+
+def build_registry_store(store_uri: str, tracking_uri: str | None = None) -> Any:
+    """The model registry store of the inner URI (registry writes are not run data: not routed)."""
+    import inspect
+
+    from mlflow.tracking._model_registry.utils import _get_store_registry
+
+    inner = inner_uri(store_uri)
+    builder = _get_store_registry().get_store_builder(inner)
+    if "tracking_uri" in inspect.signature(builder).parameters:
+        return builder(store_uri=inner, tracking_uri=inner_uri(tracking_uri))
+    return builder(store_uri=inner)
