@@ -363,7 +363,14 @@ def test_exit_or_sigterm_with_server_down_keeps_segments_and_a_later_sync_delive
     server.start()
     assert sync_main([str(spool), "--tracking-uri", server.uri, "--no-progress"]) == EXIT_OK
     client = MlflowClient(server.uri)
-    for run_id in run_ids:
+    # A spool-only tracker is offline: its run ids are local; sync created the runs on the
+    # server (tagged with the original id) and recorded the mapping.
+    exp = client.get_experiment_by_name("down")
+    by_source = {r.data.tags.get("mlflow_er.source_run_id"): r.info.run_id
+                 for r in client.search_runs([exp.experiment_id])}
+    assert set(run_ids) <= set(by_source)
+    for source_id in run_ids:
+        run_id = by_source[source_id]
         hist = client.get_metric_history(run_id, "loss")
         assert sorted(m.step for m in hist) == list(range(500))
         assert all(m.value == 1.0 / (m.step + 1) for m in hist)
