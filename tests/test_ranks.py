@@ -102,11 +102,10 @@ def test_zero_only_rank0_writes_and_other_ranks_make_no_server_traffic(tmp_path:
     uri = f"sqlite:///{db}"
     listener = CountingListener()
     try:
-        # Ranks 1-3 run to completion before rank 0 starts: they must not even create the
-        # store. A fourth "rank 1" points at a listener that counts every connection.
-        procs = start_ranks(tmp_path, uri, "zero", [1, 2, 3])
-        procs += start_ranks(tmp_path, uri, "zero", [1], "--job-marker", str(tmp_path / "job-ran"),
-                             uri_for={1: listener.uri})
+        # Ranks 1-3 run to completion before rank 0 starts: 1 and 2 must not even create the
+        # store; 3 points at a listener that counts every connection.
+        procs = start_ranks(tmp_path, uri, "zero", [1, 2, 3], per_rank={3: ["--job-marker", str(tmp_path / "job-ran")]},
+                            uri_for={3: listener.uri})
         members = results(procs)
         assert listener.connections == 0, "an inactive rank contacted the tracking server"
     finally:
