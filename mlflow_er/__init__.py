@@ -19,6 +19,7 @@ from .errors import (
     InvalidRecord,
     MlflowErError,
     QueueFull,
+    RankTimeout,
     SinkError,
     TrackingUnavailable,
     UnknownPlugin,
@@ -35,8 +36,8 @@ __version__ = "0.2.0"
 
 __all__ = [
     "Artifact", "Backend", "BackendClosed", "Batch", "DeliveryError", "ExperimentNotFound", "ExperimentTracker",
-    "FailedRecord", "InvalidRecord", "Metric", "MlflowErError", "Param", "QueueFull", "Run", "Sink", "SinkContext",
-    "SinkError", "Tag", "TrackingUnavailable", "UnknownPlugin", "hookimpl",
+    "FailedRecord", "InvalidRecord", "Metric", "MlflowErError", "Param", "QueueFull", "RankTimeout", "Run", "Sink",
+    "SinkContext", "SinkError", "Tag", "TrackingUnavailable", "UnknownPlugin", "hookimpl",
 ]
 
 
