@@ -34,13 +34,13 @@ class Sizes:
     latency_budget_s: float = 3.0  # caller time cap: slow contenders stop early (p50/p99 stay exact)
     throughput_metrics: int = 50_000
     throughput_params_tags: int = 200  # half params, half tags
-    throughput_per_call_metrics: int = 1_000  # for contenders sending one request per call
+    throughput_per_call_metrics: int = 500  # for contenders sending one request per call
     throughput_budget_s: float = 30.0  # caller time cap while logging
     seed_epochs: int = 5
     seed_compute_s: float = 0.2
     seed_file_mb: int = 32
     memory_calls: int = 1_000_000
-    memory_mlflow_calls: int = 50_000  # MLflow async costs ~100 µs per call; growth is also given per call
+    memory_mlflow_calls: int = 30_000  # MLflow async costs ~100 µs per call; growth is also given per call
     memory_max_queue: int | None = None  # None: the backend's default bounds
     block_timeout_s: float = 1.0
     task_timeout_s: float = 600.0
