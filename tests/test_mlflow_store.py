@@ -251,6 +251,13 @@ def test_spool_scheme_writes_the_spool_and_the_store(use_uri, tracking_uri: str,
             if getattr(rec, "run_id", None) == run_id:
                 kinds[type(rec).__name__] = kinds.get(type(rec).__name__, 0) + 1
     assert kinds == {"RunInfo": 2, "Metric": 50, "Param": 1}
+    # Replaying that spool into the store that already has it changes nothing (same run, deduped).
+    from mlflow_er.spool.replay import sync
+
+    report = sync(str(spool), tracking_uri)
+    assert report.failed == [] and report.runs_created == []
+    assert len(MlflowClient(tracking_uri).get_metric_history(run_id, "loss")) == 50
+    assert sync(str(spool), tracking_uri).records == 0
 
 
 @pytest.mark.timeout(60)
