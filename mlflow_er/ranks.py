@@ -42,6 +42,12 @@ No variable means a single process (rank 0 of 1) and ``ranks=`` changes nothing.
     0 starts and ends the MLflow run (the others flush their records and stop), and only
     there is the run MLflow's active run for fluent ``mlflow.log_*`` calls.
 
+``ranks="each"``
+    Ranks are ignored: every process logs its own runs, as without a launcher. For
+    ``srun``/``mpirun`` jobs whose tasks are independent (a sweep), not one training.
+    ``ranks="zero"`` warns once on an inactive rank found through ``SLURM_PROCID``,
+    ``OMPI_COMM_WORLD_RANK`` or ``PMI_RANK``, as those launchers also run such sweeps.
+
 Where the rank file lives: ``$MLFLOW_ER_RANK_DIR`` if set — it must be shared by all
 ranks, so on several nodes point it at a shared filesystem, one folder per job (e.g.
 ``$SCRATCH/mlflow-er/$SLURM_JOB_ID``) — else a folder under the temp dir named after the
@@ -73,7 +79,9 @@ from .validation import check_key
 
 log = logging.getLogger(__name__)
 
-MODES = ("zero", "all")
+MODES = ("zero", "all", "each")
+#: Launchers that also run independent tasks (sweeps): an inactive rank found through them warns.
+SWEEP_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
 ENV_DIR = "MLFLOW_ER_RANK_DIR"
 ENV_TIMEOUT = "MLFLOW_ER_RANK_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
@@ -120,13 +128,18 @@ class RankPlan:
                 size = _int_env(env, size_var)
                 if size is not None and rank >= size:
                     raise MlflowErError(f"{rank_var}={rank} is not below {size_var}={size}")
-                return cls(mode, rank, size, rank_var)
+                plan = cls(mode, rank, size, rank_var)
+                if plan.inactive and rank_var in SWEEP_VARS and not _warned:
+                    _warned.append(True)
+                    log.warning("mlflow-er: %s is inactive (ranks='zero'): only rank 0 logs. If the tasks of this "
+                                "job are independent (a sweep), pass ranks='each'", plan.describe())
+                return plan
         return cls(mode)
 
     @property
     def distributed(self) -> bool:
-        """A rank variable is set and the world is not known to be a single process."""
-        return self.source is not None and (self.world_size is None or self.world_size > 1)
+        """A rank variable is set, the world is not known to be a single process, and ranks are not ignored."""
+        return self.source is not None and self.mode != "each" and (self.world_size is None or self.world_size > 1)
 
     @property
     def inactive(self) -> bool:
@@ -251,6 +264,7 @@ class RankPlan:
 
 _lock = threading.Lock()
 _occurrences: dict[str, int] = {}
+_warned: list[bool] = []  # the sweep warning is given once per process
 
 
 def rank_dir(env: Mapping[str, str] | None = None) -> Path:

@@ -99,7 +99,7 @@ class ExperimentTracker:
     options) and ``close_timeout`` (seconds a run's end may wait for
     delivery). ``ranks``: ``"zero"`` (only rank 0 of a distributed job logs; the others
     contact nothing) or ``"all"`` (every rank logs into one run, metric keys suffixed
-    ``/rank{r}``) — see :mod:`mlflow_er.ranks`. ``health_interval``: seconds between
+    ``/rank{r}``) or ``"each"`` (ignore ranks) — see :mod:`mlflow_er.ranks`. ``health_interval``: seconds between
     samples of ``run.stats()`` logged into the run as ``mlflow_er.*`` metrics
     (default ``$MLFLOW_ER_HEALTH_INTERVAL``, else off) — see :mod:`mlflow_er.health`.
     """

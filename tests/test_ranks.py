@@ -222,6 +222,8 @@ def test_rank_detection(env: dict[str, str], expected: tuple) -> None:
     plan = RankPlan.detect("zero", env)
     assert (plan.role, plan.rank, plan.world_size) == expected
     assert RankPlan.detect("all", env).role == {"inactive": "member"}.get(expected[0], expected[0])
+    each = RankPlan.detect("each", env)
+    assert (each.role, each.rank) == ("single", expected[1]) and not each.inactive
 
 
 def test_rank_detection_rejects_nonsense() -> None:
@@ -231,3 +233,20 @@ def test_rank_detection_rejects_nonsense() -> None:
         RankPlan.detect("zero", {"RANK": "x"})
     with pytest.raises(MlflowErError, match="not below"):
         RankPlan.detect("zero", {"RANK": "4", "WORLD_SIZE": "4"})
+
+
+@pytest.mark.timeout(30)
+def test_each_ignores_ranks_and_zero_warns_for_sweep_launchers(tracking_uri: str, no_rank_env,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import mlflow_er.ranks as ranks_mod
+
+    no_rank_env.setattr(ranks_mod, "_warned", [])
+    no_rank_env.setenv("SLURM_PROCID", "1")
+    no_rank_env.setenv("SLURM_NTASKS", "2")
+    with caplog.at_level("WARNING", logger="mlflow_er.ranks"):
+        assert ExperimentTracker("sweep", tracking_uri=tracking_uri).rank.inactive
+    assert "pass ranks='each'" in caplog.text
+    tracker = ExperimentTracker("sweep", tracking_uri=tracking_uri, ranks="each")
+    with tracker.run(run_name="task1") as run:
+        run.log_metric("loss", 1.0)
+    assert tracker.rank.rank == 1 and MlflowClient(tracking_uri).get_run(run.run_id).data.metrics == {"loss": 1.0}
