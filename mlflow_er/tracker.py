@@ -122,8 +122,9 @@ class ExperimentTracker:
         if uri is not None and not self.offline:
             mlflow.set_tracking_uri(uri)  # as the seed did: fluent calls inside a run go there too
         self._uri = os.fspath(uri) if uri else mlflow.get_tracking_uri()
-        # Constructing a client sends no request, but on a sqlite URI it creates the database.
-        self.client = InactiveClient(self.rank) if inactive else MlflowClient(self._uri)
+        # Built on first use: a client sends no request, but on a sqlite URI it creates the
+        # database, which an offline tracker must not do.
+        self._client: Any = InactiveClient(self.rank) if inactive else None
         resolver_client = None if self.offline else self.client
         self.health_interval = None if inactive else health.interval(health_interval)
         self.close_timeout = close_timeout
@@ -173,6 +174,13 @@ class ExperimentTracker:
         sink = plugins.make_sink(spec, ctx)
         self._own[id(sink)] = spec
         return sink
+
+    @property
+    def client(self) -> MlflowClient:
+        """The tracker's own ``MlflowClient`` on its tracking URI (built on first use)."""
+        if self._client is None:
+            self._client = MlflowClient(self._uri)
+        return self._client
 
     @property
     def backend(self) -> Backend:

@@ -89,3 +89,13 @@ def test_spool_only_tracker_never_contacts_the_server_and_sync_replays(backend: 
     assert parent.info.status == "FINISHED"
     assert runs["child"].data.tags.get("mlflow.parentRunId") == parent.info.run_id
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "notes")] == ["notes/hello.txt"]
+
+
+@pytest.mark.timeout(60)
+def test_offline_tracker_on_a_sqlite_uri_creates_no_database(tmp_path: Path) -> None:
+    db = tmp_path / "never.db"
+    tracker = ExperimentTracker("offline-sqlite", tracking_uri=f"sqlite:///{db}", sinks=["spool"],
+                                sink_options={"spool": {"path": str(tmp_path / "spool")}})
+    with tracker.run(run_name="r") as run:
+        run.log_metric("m", 1.0)
+    assert not db.exists(), "an offline tracker must not touch the tracking store"
