@@ -89,6 +89,10 @@ def test_threaded_sqlite_fluent_calls_all_arrive_and_end_run_flushes(use_uri, tr
     _check_fluent(run_id)
     use_uri(tracking_uri)
     _check_fluent(run_id)
+    # The sink behind the scheme writes to the real store, never back into the scheme.
+    from mlflow_er.sinks.mlflow import MlflowSink
+
+    assert type(MlflowSink(uri).client._tracking_client.store).__name__ == "SqlAlchemyStore"
     st = mlflow_store.stats()[uri]
     # loss, 4 params, 4 tag writes, acc/f1, the batch, async: each one delivered once.
     assert st["delivered"] == N + 4 + 4 + 2 + 1500 + 1 and st["failed"] == 0 and st["queued"] == 0
