@@ -142,10 +142,15 @@ class Batch:
 def split_batches(run_id: str, records: list[Metric | Param | Tag]) -> list[Batch]:
     """Cut a run's records, in order, into batches that respect every ``log_batch`` limit.
 
-    A tag key already present in the current batch closes it first, so a later value of
-    the same tag lands in a later request and last-write-wins holds on the server even
+    Each kind keeps its call order (and every record its ``seq``). Params and tags go
+    ahead of the metrics of the same call: a batch holds them in separate lists anyway, so
+    order across kinds is not observable in MLflow, and mixing a few tags into every metric
+    batch made the store repeat its param/tag/run queries once per batch (~10 % of drain
+    time). A tag key already present in the current batch closes it first, so a later value
+    of the same tag lands in a later request and last-write-wins holds on the server even
     when the server applies a batch's kinds in its own order.
     """
+    records = [r for r in records if type(r) is not Metric] + [r for r in records if type(r) is Metric]
     out: list[Batch] = []
     cur: list[Metric | Param | Tag] = []
     n_m = n_p = n_t = size = 0

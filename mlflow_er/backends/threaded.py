@@ -179,8 +179,8 @@ class ThreadedBackend(Backend):
                     return
             self._bytes += size
             self._buf.append((record, size) if size else record)
-        if len(self._buf) >= self._kick_at:
-            self._kick()
+        if type(record) is Artifact or len(self._buf) >= self._kick_at:
+            self._kick()  # an artifact goes to the uploader now: no reason to linger
 
     def _spill_locked(self, record: Record) -> None:
         """Append to the spill (lock held). Once spilling, every record goes there until it is drained."""
@@ -232,6 +232,7 @@ class ThreadedBackend(Backend):
                     if self._closing:
                         if self._stop.is_set():
                             self._finish_spill()  # gave up: what is spilled stays on disk
+                        self._art_wake.set()  # the uploader exits once the writer has
                         return
                     self._wake.wait(self.flush_interval)
                     self._wake.clear()
@@ -247,6 +248,7 @@ class ThreadedBackend(Backend):
                         self._wake.clear()
                 self._drain_once()
         except BaseException as exc:  # never die silently: flush()/close() report it
+            self._art_wake.set()
             self._fatal = exc
             log.exception("mlflow-er writer thread died")
             with self._lock:

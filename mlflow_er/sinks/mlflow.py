@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -78,12 +79,12 @@ class MlflowSink(Sink):
 
     # -- batches -------------------------------------------------------------------------
     def write_batch(self, batch: Batch) -> None:
+        if self._host_creds is not None:
+            self._post_batch(batch_json(batch))
+            return
         metrics = [MlflowMetric(m.key, m.value, m.timestamp, m.step) for m in batch.metrics]
         params = [MlflowParam(p.key, p.value) for p in batch.params]
         tags = [RunTag(t.key, t.value) for t in batch.tags]
-        if self._host_creds is not None:
-            self._post_batch(batch.run_id, metrics, params, tags)
-            return
         try:
             self.client.log_batch(batch.run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
         except MlflowException as exc:
@@ -95,19 +96,15 @@ class MlflowSink(Sink):
         except Exception as exc:  # e.g. sqlite "database is locked" surfacing raw
             raise SinkError(f"{type(exc).__name__}: {exc}", transient=_looks_transient(exc)) from exc
 
-    def _post_batch(self, run_id: str, metrics: list, params: list, tags: list) -> None:
+    def _post_batch(self, body: bytes) -> None:
         import requests
-        from mlflow.protos.service_pb2 import LogBatch
-        from mlflow.utils.proto_json_utils import message_to_json
         from mlflow.utils.rest_utils import http_request
 
-        body = message_to_json(LogBatch(run_id=run_id, metrics=[m.to_proto() for m in metrics],
-                                        params=[p.to_proto() for p in params],
-                                        tags=[t.to_proto() for t in tags]))
         try:
             resp = http_request(self._host_creds, "/api/2.0/mlflow/runs/log-batch", "POST",
                                 max_retries=0, backoff_factor=0, timeout=self.request_timeout,
-                                raise_on_status=False, json=json.loads(body))
+                                raise_on_status=False, data=body,
+                                extra_headers={"Content-Type": "application/json"})
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise SinkError(f"{type(exc).__name__}: {exc}", transient=True) from exc
         except MlflowException as exc:  # mlflow wraps urllib3's errors in some versions
@@ -141,6 +138,31 @@ class MlflowSink(Sink):
 
     def __repr__(self) -> str:
         return f"<MlflowSink {_redact(self.tracking_uri)!r}>"
+
+
+def _json_number(v: float) -> str:
+    # proto3 JSON spells non-finite doubles as strings; the server parses them back.
+    if v != v:
+        return '"NaN"'
+    if v in (math.inf, -math.inf):
+        return '"Infinity"' if v > 0 else '"-Infinity"'
+    return repr(v)
+
+
+def batch_json(batch: Batch) -> bytes:
+    """The ``log-batch`` request body, written straight from the records.
+
+    Building MLflow entities and protobuf messages first (what ``MlflowClient`` does)
+    costs about two thirds of the writer's CPU per batch; the JSON is simple enough to
+    write directly.
+    """
+    dumps = json.dumps
+    metrics = ",".join(f'{{"key":{dumps(m.key)},"value":{_json_number(m.value)},"timestamp":{m.timestamp},'
+                       f'"step":{m.step}}}' for m in batch.metrics)
+    params = ",".join(f'{{"key":{dumps(p.key)},"value":{dumps(p.value)}}}' for p in batch.params)
+    tags = ",".join(f'{{"key":{dumps(t.key)},"value":{dumps(t.value)}}}' for t in batch.tags)
+    return (f'{{"run_id":{dumps(batch.run_id)},"metrics":[{metrics}],"params":[{params}],'
+            f'"tags":[{tags}]}}').encode()
 
 
 def _looks_transient(exc: BaseException) -> bool:
