@@ -20,7 +20,8 @@ whatever failed, after the run's status was stored (never when the run ends FAIL
 KILLED: then the problem is logged so the block's own exception is not masked).
 
 This module is imported by MLflow while ``import mlflow`` is still running: nothing at
-module level may import mlflow.
+module level may import mlflow. URI parsing and the artifact/registry side live in
+:mod:`mlflow_er.mlflow_uris`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import threading
 from typing import Any
 
 from .errors import DeliveryError, FailedRecord, InvalidRecord
+from .mlflow_uris import MODES, install_companions, split_uri
+from .mlflow_uris import inner_uri as inner_uri  # re-exported: the mlflow sink strips prefixes with it
 from .records import Metric, Param, Tag
 from .validation import (
     _VALID_KEYS,
@@ -50,23 +53,8 @@ from .validation import (
 
 log = logging.getLogger(__name__)
 
-#: Scheme prefixes and what they add: ``threaded`` = mlflow sink; ``spool`` = spool + mlflow sinks.
-MODES = ("threaded", "spool")
 ENV_FLUSH_TIMEOUT = "MLFLOW_ER_FLUSH_TIMEOUT"
 DEFAULT_FLUSH_TIMEOUT = 300.0
-
-
-def split_uri(uri: str) -> tuple[str | None, str]:
-    """``"threaded+http://h"`` -> ``("threaded", "http://h")``; a URI without our prefix -> ``(None, uri)``."""
-    head, sep, rest = uri.partition("+")
-    if sep and head in MODES and rest:
-        return head, rest
-    return None, uri
-
-
-def inner_uri(uri: str | None) -> str | None:
-    """The real store's URI behind one of our schemes (other URIs unchanged)."""
-    return None if uri is None else split_uri(uri)[1]
 
 
 def flush_timeout() -> float:
@@ -420,7 +408,7 @@ def build_store(store_uri: str, artifact_uri: str | None = None, **_: Any) -> An
 
     MLflow calls this with its store-building lock held, so it builds the inner store
     with the inner scheme's builder directly (``get_store`` would wait on that lock
-    forever) and creates no client: the route is made on the first write.
+    forever) and creates no client: the route is made when a run is first created or written.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking._tracking_service import utils
@@ -437,64 +425,5 @@ def build_store(store_uri: str, artifact_uri: str | None = None, **_: Any) -> An
     # link, SqlAlchemyStore for the gateway) and every other method stay MLflow's own.
     store.__class__ = _routed_class(type(store))
     store._er_key = (mode, inner)
-    _install_companions()
+    install_companions(build_store)
     return store
-
-
-# -- artifacts and the model registry follow the tracking URI: give them the inner one ---------------
-_companions = False
-
-
-def _install_companions() -> None:
-    global _companions
-    if _companions:
-        return
-    _companions = True
-    try:
-        _route_mlflow_artifacts()
-        _route_model_registry()
-    except Exception as exc:  # a later MLflow may move these internals; tracking still works
-        log.warning("mlflow-er: could not route artifacts/model registry to the inner URI: %s", exc)
-
-
-def _route_mlflow_artifacts() -> None:
-    """``mlflow-artifacts:`` repositories insist on an http(s) tracking URI: hand them the inner one."""
-    from mlflow.store.artifact.artifact_repository_registry import _artifact_repository_registry as registry
-
-    original = registry._registry.get("mlflow-artifacts")
-    if original is None or getattr(original, "_mlflow_er_original", None) is not None:
-        return
-
-    def mlflow_artifacts_repository(artifact_uri: str, tracking_uri: str | None = None,
-                                    registry_uri: str | None = None) -> Any:
-        from mlflow.tracking._tracking_service.utils import get_tracking_uri
-
-        return original(artifact_uri, tracking_uri=inner_uri(tracking_uri or get_tracking_uri()),
-                        registry_uri=inner_uri(registry_uri))
-
-    mlflow_artifacts_repository._mlflow_er_original = original  # type: ignore[attr-defined]
-    registry.register("mlflow-artifacts", mlflow_artifacts_repository)
-
-
-def _route_model_registry() -> None:
-    """The registry URI defaults to the tracking URI: serve our schemes with the inner registry store."""
-    from mlflow.tracking._model_registry.utils import _get_store_registry
-    from mlflow.tracking._tracking_service import utils
-
-    registry = _get_store_registry()
-    for scheme, builder in list(utils._tracking_store_registry._registry.items()):
-        if builder is build_store and scheme not in registry._registry:
-            registry.register(scheme, build_registry_store)
-
-
-def build_registry_store(store_uri: str, tracking_uri: str | None = None) -> Any:
-    """The model registry store of the inner URI (registry writes are not run data: not routed)."""
-    import inspect
-
-    from mlflow.tracking._model_registry.utils import _get_store_registry
-
-    inner = inner_uri(store_uri)
-    builder = _get_store_registry().get_store_builder(inner)
-    if "tracking_uri" in inspect.signature(builder).parameters:
-        return builder(store_uri=inner, tracking_uri=inner_uri(tracking_uri))
-    return builder(store_uri=inner)
