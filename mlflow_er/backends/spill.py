@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from .. import artifacts
-from ..records import Record
+from ..records import MAX_METRICS_PER_BATCH, Record
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +78,47 @@ class Spill:
             log.error("mlflow-er: %d spilled record(s) were not delivered; they are kept in %s "
                       "(replay them with `mlflow-er sync %s --tracking-uri URI`)", self.pending(), self.path,
                       self.path)
+
+
+class Spilling:
+    """Spill half of the threaded backend (a mixin: it shares the backend's lock and queue state)."""
+
+    def _spill_locked(self, record: Record) -> None:
+        """Append to the spill (lock held). Once spilling, every record goes there until it is drained."""
+        if self._spill is None:
+            self._spill = Spill(self.spill_path)
+        if not self._spilling:
+            self._spilling = True
+            self._limit = 0  # route the hot path here too, so call order holds
+            log.warning("mlflow-er: buffer full; spilling to %s until the writer catches up", self._spill.path)
+        self._spill.append(record)
+        self._spilled += 1
+        self._wake.set()
+
+    def _finish_spill(self) -> None:
+        """Close the spill; records left in it stay on disk for ``mlflow-er sync`` (counted)."""
+        with self._lock:
+            if self._spill is None:
+                return
+            self._spill_kept += self._spill.pending()
+            self._spill.close()  # keeps the folder, and says so, if records are left
+            self._spill, self._spilling, self._limit = None, False, self.max_queue
+
+    def _spill_pending(self) -> int:
+        return self._spill.pending() if self._spill is not None else 0
+
+    def _drain_spill(self, upto: int | None = None) -> None:
+        """Deliver the next chunk of spilled records; stop spilling once it is empty."""
+        assert self._spill is not None
+        recs = self._spill.take(20 * MAX_METRICS_PER_BATCH, upto)
+        self._inflight = len(recs)
+        try:
+            self._deliver(recs)
+        finally:
+            self._inflight = 0
+        with self._lock:
+            if self._spilling and not self._spill.pending():
+                self._spilling = False
+                self._limit = self.max_queue
+                if self._waiters:
+                    self._not_full.notify_all()

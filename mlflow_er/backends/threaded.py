@@ -19,7 +19,6 @@ from collections import defaultdict, deque
 from collections.abc import Sequence
 from typing import Any
 
-from .. import artifacts
 from ..delivery import Deliverer, DeliveryStats, RetryPolicy
 from ..errors import BackendClosed, DeliveryError, FailedRecord, QueueFull
 from ..hookspecs import hookimpl
@@ -27,7 +26,8 @@ from ..records import MAX_METRICS_PER_BATCH, Artifact, Metric, Record, approx_si
 from ..sinks.base import Sink
 from . import lifecycle
 from .base import Backend, materialize
-from .spill import Spill
+from .spill import Spill, Spilling
+from .uploads import ArtifactUploads
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class _Marker:
         self.spill_upto = 0  # spilled records submitted before the flush: deliver them first
 
 
-class ThreadedBackend(Backend):
+class ThreadedBackend(ArtifactUploads, Spilling, Backend):
     """Deliver from a background writer thread.
 
     :param max_queue: records held in memory before ``on_full`` applies (~250 B each).
@@ -60,6 +60,7 @@ class ThreadedBackend(Backend):
     """
 
     name = NAME
+    _marker_type = _Marker  # what the uploader (a mixin in uploads.py) releases in order
 
     def __init__(self, max_queue: int = 100_000, max_bytes: int = 32 * 1024 * 1024, on_full: str = "block",
                  block_timeout: float = 30.0, flush_interval: float = 0.25, retry_deadline: float = 300.0,
@@ -182,18 +183,6 @@ class ThreadedBackend(Backend):
         if type(record) is Artifact or len(self._buf) >= self._kick_at:
             self._kick()  # an artifact goes to the uploader now: no reason to linger
 
-    def _spill_locked(self, record: Record) -> None:
-        """Append to the spill (lock held). Once spilling, every record goes there until it is drained."""
-        if self._spill is None:
-            self._spill = Spill(self.spill_path)
-        if not self._spilling:
-            self._spilling = True
-            self._limit = 0  # route the hot path here too, so call order holds
-            log.warning("mlflow-er: buffer full; spilling to %s until the writer catches up", self._spill.path)
-        self._spill.append(record)
-        self._spilled += 1
-        self._wake.set()
-
     def _make_room(self, size: int, reason: str) -> bool:
         """Apply ``on_full`` with the lock held. False means the record was dropped."""
         if self._fatal is not None or (self._writer is not None and not self._writer.is_alive()):
@@ -314,34 +303,6 @@ class ThreadedBackend(Backend):
                     if failed:
                         self._record_failures(failed)
 
-    def _finish_spill(self) -> None:
-        """Close the spill; records left in it stay on disk for ``mlflow-er sync`` (counted)."""
-        with self._lock:
-            if self._spill is None:
-                return
-            self._spill_kept += self._spill.pending()
-            self._spill.close()  # keeps the folder, and says so, if records are left
-            self._spill, self._spilling, self._limit = None, False, self.max_queue
-
-    def _spill_pending(self) -> int:
-        return self._spill.pending() if self._spill is not None else 0
-
-    def _drain_spill(self, upto: int | None = None) -> None:
-        """Deliver the next chunk of spilled records; stop spilling once it is empty."""
-        assert self._spill is not None
-        recs = self._spill.take(20 * MAX_METRICS_PER_BATCH, upto)
-        self._inflight = len(recs)
-        try:
-            self._deliver(recs)
-        finally:
-            self._inflight = 0
-        with self._lock:
-            if self._spilling and not self._spill.pending():
-                self._spilling = False
-                self._limit = self.max_queue
-                if self._waiters:
-                    self._not_full.notify_all()
-
     def _record_failures(self, failed: list[FailedRecord]) -> None:
         with self._lock:
             if self._stop.is_set():
@@ -361,55 +322,6 @@ class ThreadedBackend(Backend):
                 with self._lock:
                     self._failures.append(FailedRecord("sink", d.sink.name,
                                                        f"flush failed: {type(exc).__name__}: {exc}"))
-
-    def _uploader_main(self) -> None:
-        try:
-            while True:
-                if not self._art_q:
-                    if self._closing and not self._buf and (self._writer is None or not self._writer.is_alive()):
-                        return
-                    self._art_wake.wait(self.flush_interval)
-                    self._art_wake.clear()
-                    continue
-                item = self._art_q.popleft()
-                if type(item) is _Marker:
-                    item.done.set()
-                    continue
-                size = 0
-                if type(item) is tuple:
-                    item, size = item
-                try:
-                    self._upload(item, size)
-                finally:
-                    with self._lock:
-                        self._art_pending -= 1
-        except BaseException as exc:
-            self._fatal = exc
-            log.exception("mlflow-er uploader thread died")
-
-    def _upload(self, art: Artifact, size: int) -> None:
-        try:
-            ready = materialize(art)
-        except Exception as exc:
-            fail = FailedRecord("artifact", art.name or "?", f"not uploaded: {exc}", art.run_id)
-            with self._lock:
-                self._failures.append(fail)
-                self._stats.failed += 1
-            return
-        finally:
-            if size:  # the in-memory payload is gone once rendered to a file
-                with self._lock:
-                    self._bytes -= size
-                    if self._waiters:
-                        self._not_full.notify_all()
-        try:
-            for d in self._deliverers:
-                failed = d.deliver_artifact(ready)
-                if failed:
-                    self._record_failures(failed)
-        finally:
-            if ready.owned:
-                artifacts.discard(ready.local_path)
 
     # -- flush / close ---------------------------------------------------------------------
     def _unsent(self) -> int:
