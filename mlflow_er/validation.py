@@ -94,32 +94,23 @@ def check_timestamp(key: str, timestamp: object) -> int:
     return ts
 
 
-def _as_str(value: object) -> str:
-    return value if type(value) is str else str(value)
+def _bounded_str(kind: str, key: str, value: object, limit: int) -> str:
+    s = value if type(value) is str else str(value)
+    if len(s) > limit:
+        raise InvalidRecord(f"{kind} value for {key!r}",
+                            f"is {len(s)} characters long; MLflow would truncate it, mlflow-er refuses to lose data",
+                            f"{limit} characters")
+    return s
 
 
 def check_param_value(key: str, value: object) -> str:
     """Return the param value as MLflow stores it (``str(value)``), refusing to truncate."""
-    s = _as_str(value)
-    if len(s) > MAX_PARAM_VALUE_LENGTH:
-        raise InvalidRecord(
-            f"param value for {key!r}",
-            f"is {len(s)} characters long; MLflow would truncate it, mlflow-er refuses to lose data",
-            f"{MAX_PARAM_VALUE_LENGTH} characters",
-        )
-    return s
+    return _bounded_str("param", key, value, MAX_PARAM_VALUE_LENGTH)
 
 
 def check_tag_value(key: str, value: object) -> str:
     """Return the tag value as a str, refusing values MLflow would truncate."""
-    s = _as_str(value)
-    if len(s) > MAX_TAG_VALUE_LENGTH:
-        raise InvalidRecord(
-            f"tag value for {key!r}",
-            f"is {len(s)} characters long; MLflow would truncate it, mlflow-er refuses to lose data",
-            f"{MAX_TAG_VALUE_LENGTH} characters",
-        )
-    return s
+    return _bounded_str("tag", key, value, MAX_TAG_VALUE_LENGTH)
 
 
 def check_artifact_path(artifact_path: str | None) -> str | None:
