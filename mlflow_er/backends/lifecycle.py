@@ -34,8 +34,31 @@ def track(backend: Any) -> None:
     _live.add(backend)
 
 
+def _release_orphaned_import_locks() -> None:
+    """Forget per-module import locks inherited from the parent.
+
+    Only the forking thread survives a ``fork()``. If another thread (our writer, inside
+    MLflow's request code, which attempts an import on every call) held a module's import
+    lock at that instant, the child would block forever on its first import of that module
+    — the deadlock that hung the original helper's process jobs. The surviving thread is
+    inside ``os.fork()``, not inside an import, so every lock in the table belongs to a
+    thread that no longer exists; new locks are made on demand.
+    """
+    try:
+        from importlib import _bootstrap
+
+        locks = getattr(_bootstrap, "_module_locks", None)
+        if isinstance(locks, dict):
+            locks.clear()
+    except Exception:  # a Python without this private table: nothing to release
+        pass
+
+
 def _after_fork_in_child() -> None:
-    for backend in list(_live):
+    backends = list(_live)
+    if backends:
+        _release_orphaned_import_locks()
+    for backend in backends:
         backend.after_fork_in_child()
 
 
