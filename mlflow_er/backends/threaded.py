@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import warnings
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -99,7 +99,11 @@ class ThreadedBackend(ArtifactUploads, Spilling, Backend):
         self._wake = threading.Event()
         self._stop = threading.Event()  # aborts retries when a close timeout has passed
         self._closing = False
-        self._stats = DeliveryStats()
+        # Each thread writes only its own counters (no lost updates between threads); drop
+        # counts change under the lock. stats() adds them up.
+        self._stats = DeliveryStats()  # the writer's
+        self._art_stats = DeliveryStats()  # the uploader's
+        self._dropped: Counter[str] = Counter()
         self._failures: list[FailedRecord] = []
         self._warned_drop = False
         self._inflight = 0
@@ -112,14 +116,19 @@ class ThreadedBackend(ArtifactUploads, Spilling, Backend):
         self._markers = 0  # flush markers in the queue: the writer must not linger
         self._art_wake = threading.Event()
         self._deliverers: list[Deliverer] = []
+        self._art_deliverers: list[Deliverer] = []
 
     # -- lifecycle -------------------------------------------------------------------------
     def open(self, sinks: Sequence[Sink]) -> None:
         self.sinks = list(sinks)
         self._stop.clear()
         self._closing = False
-        self._deliverers = [Deliverer(s, self.policy, self._stats, self._stop) for s in self.sinks]
+        self._make_deliverers()
         self._ensure_threads()
+
+    def _make_deliverers(self) -> None:
+        self._deliverers = [Deliverer(s, self.policy, self._stats, self._stop) for s in self.sinks]
+        self._art_deliverers = [Deliverer(s, self.policy, self._art_stats, self._stop) for s in self.sinks]
 
     def _ensure_threads(self) -> None:
         with self._lock:
@@ -136,7 +145,7 @@ class ThreadedBackend(ArtifactUploads, Spilling, Backend):
         sinks = self.sinks
         self._init_state()
         self.sinks = sinks
-        self._deliverers = [Deliverer(s, self.policy, self._stats, self._stop) for s in sinks]
+        self._make_deliverers()
         self._kick_at = 0  # first submit in the child starts fresh threads
 
     # -- the hot path ----------------------------------------------------------------------
@@ -189,7 +198,7 @@ class ThreadedBackend(ArtifactUploads, Spilling, Backend):
             raise BackendClosed(f"the writer thread is not running ({self._fatal!r}); nothing more can be sent")
         self._wake.set()  # a full buffer is the writer's business now, whatever the policy
         if self.on_full == "drop":
-            self._stats.dropped[reason] += 1
+            self._dropped[reason] += 1
             if not self._warned_drop:
                 self._warned_drop = True
                 warnings.warn(f"mlflow-er: buffer full ({self.max_queue} records / {self.max_bytes} bytes); "
@@ -301,15 +310,16 @@ class ThreadedBackend(ArtifactUploads, Spilling, Backend):
                 for d in self._deliverers:
                     failed = d.deliver(batch)
                     if failed:
-                        self._record_failures(failed)
+                        self._record_failures(failed, self._stats)
 
-    def _record_failures(self, failed: list[FailedRecord]) -> None:
+    def _record_failures(self, failed: list[FailedRecord], stats: DeliveryStats) -> None:
+        """Keep failures for the next flush (``stats``: the calling thread's own counters)."""
         with self._lock:
             if self._stop.is_set():
                 # close() gave up on these and already reported them as unsent: count them
                 # once, as dropped at close, instead of reporting them again as failed.
-                self._stats.dropped["unsent_at_close"] += len(failed)
-                self._stats.failed -= len(failed)
+                self._dropped["unsent_at_close"] += len(failed)
+                stats.failed -= len(failed)
             else:
                 self._failures.extend(failed)
 
@@ -402,10 +412,11 @@ class ThreadedBackend(ArtifactUploads, Spilling, Backend):
             self._markers = 0
             self._bytes = 0
         if left:
-            self._stats.dropped["unsent_at_close"] += left
+            self._dropped["unsent_at_close"] += left
 
     def stats(self) -> dict[str, Any]:
-        s = self._stats
+        s, a = self._stats, self._art_stats
+        dropped = dict(self._dropped)
         oldest = None
         try:
             first = self._buf[0]
@@ -416,9 +427,10 @@ class ThreadedBackend(ArtifactUploads, Spilling, Backend):
         if self._inflight_oldest is not None:
             oldest = self._inflight_oldest if oldest is None else min(oldest, self._inflight_oldest)
         age = max(0.0, time.time() - oldest / 1000) if oldest is not None else 0.0
-        return {"backend": NAME, "queued": self._unsent(), "queued_bytes": self._bytes, "delivered": s.delivered,
-                "failed": s.failed, "retries": s.retries, "batches": s.batches, "artifacts": s.artifacts,
-                "dropped": dict(s.dropped), "dropped_total": sum(s.dropped.values()),
+        return {"backend": NAME, "queued": self._unsent(), "queued_bytes": self._bytes,
+                "delivered": s.delivered + a.delivered, "failed": s.failed + a.failed,
+                "retries": s.retries + a.retries, "batches": s.batches, "artifacts": a.artifacts,
+                "dropped": dropped, "dropped_total": sum(dropped.values()),
                 "spilled": self._spilled, "spill_pending": self._spill_pending(),
                 "spill_kept": self._spill_kept,
                 "oldest_unsent_age": age, "writer_alive": bool(self._writer and self._writer.is_alive()),

@@ -52,7 +52,7 @@ class ArtifactUploads:
             fail = FailedRecord("artifact", art.name or "?", f"not uploaded: {exc}", art.run_id)
             with self._lock:
                 self._failures.append(fail)
-                self._stats.failed += 1
+                self._art_stats.failed += 1
             return
         finally:
             if size:  # the in-memory payload is gone once rendered to a file
@@ -61,10 +61,10 @@ class ArtifactUploads:
                     if self._waiters:
                         self._not_full.notify_all()
         try:
-            for d in self._deliverers:
+            for d in self._art_deliverers:
                 failed = d.deliver_artifact(ready)
                 if failed:
-                    self._record_failures(failed)
+                    self._record_failures(failed, self._art_stats)
         finally:
             if ready.owned:
                 artifacts.discard(ready.local_path)
