@@ -38,17 +38,15 @@ from .mlflow_uris import MODES, install_companions, split_uri
 from .mlflow_uris import inner_uri as inner_uri  # re-exported: the mlflow sink strips prefixes with it
 from .records import Metric, Param, Tag
 from .validation import (
-    _VALID_KEYS,
     INT64_MAX,
-    INT64_MIN,
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
     check_key,
-    check_metric_value,
+    check_param_unchanged,
     check_param_value,
-    check_step,
     check_tag_value,
     check_timestamp,
+    metric_fields,
 )
 
 log = logging.getLogger(__name__)
@@ -240,13 +238,8 @@ class RoutedWrites:
                 if m.model_id or m.dataset_name or m.dataset_digest:
                     linked.append(m)  # a record cannot carry the LoggedModel/dataset link
                     continue
-                key, value, step, ts = m.key, m.value, m.step, m.timestamp
-                if key not in _VALID_KEYS:
-                    check_key(key, "metric key")
-                if type(value) is not float:
-                    value = check_metric_value(key, value)
-                if type(step) is not int or not INT64_MIN <= step <= INT64_MAX:
-                    step = check_step(key, 0 if step is None else step)
+                key, ts = m.key, m.timestamp
+                value, step = metric_fields(key, m.value, m.step)
                 if type(ts) is not int or not 0 <= ts <= INT64_MAX:
                     ts = check_timestamp(key, ts)
                 recs.append((key, value, ts, step))
@@ -256,9 +249,7 @@ class RoutedWrites:
                     key = check_key(p.key, "param key")
                     value = check_param_value(key, _fit("Param", key, str(p.value), MAX_PARAM_VALUE_LENGTH))
                     prev = staged.get(key, known.get(key))
-                    if prev is not None and prev != value:
-                        raise InvalidRecord(f"param {key!r}", f"already logged as {prev!r}, cannot change to "
-                                            f"{value!r:.80}", "MLflow params are immutable within a run")
+                    check_param_unchanged(key, prev, value)
                     if prev is None:
                         staged[key] = value
             tag_recs = [(check_key(t.key, "tag key"),

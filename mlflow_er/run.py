@@ -27,10 +27,12 @@ from .validation import (
     check_artifact_path,
     check_key,
     check_metric_value,
+    check_param_unchanged,
     check_param_value,
     check_step,
     check_tag_value,
     check_timestamp,
+    metric_fields,
 )
 
 if TYPE_CHECKING:
@@ -80,6 +82,7 @@ class Run:
     def log_metric(self, key: str, value: float, step: int | None = None, timestamp: int | None = None) -> None:
         """Log one metric value (``step`` defaults to 0, ``timestamp`` to now, in ms)."""
         t0 = time.perf_counter_ns()
+        # validation.metric_fields, inlined: one call less on the hottest path (~5 % of it)
         if key not in _VALID_KEYS:
             check_key(key, "metric key")
         if type(value) is not float:
@@ -101,13 +104,7 @@ class Run:
         elif type(step) is not int or not INT64_MIN <= step <= INT64_MAX:
             step = check_step("metrics", step)
         ts = time.time_ns() // 1_000_000 if timestamp is None else check_timestamp("metrics", timestamp)
-        recs = []
-        for key, value in metrics.items():
-            if key not in _VALID_KEYS:
-                check_key(key, "metric key")
-            if type(value) is not float:
-                value = check_metric_value(key, value)
-            recs.append((key, value))
+        recs = [(key, metric_fields(key, value, step)[0]) for key, value in metrics.items()]
         rid, seq = self.run_id, self._seq
         self._submit_many([Metric(rid, k, v, ts, step, next(seq)) for k, v in recs])
         self._lat[next(self._calls) % _LAT_SLOTS] = time.perf_counter_ns() - t0
@@ -117,10 +114,8 @@ class Run:
         check_key(key, "param key")
         sval = check_param_value(key, value)
         prev = self._params.get(key)
+        check_param_unchanged(key, prev, sval)
         if prev is not None:
-            if prev != sval:
-                raise InvalidRecord(f"param {key!r}", f"already logged as {prev!r}, cannot change to {sval!r:.80}",
-                                    "MLflow params are immutable within a run")
             return None  # same value again: nothing new to send
         return Param(self.run_id, key, sval, time.time_ns() // 1_000_000, next(self._seq))
 

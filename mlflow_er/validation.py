@@ -94,6 +94,30 @@ def check_timestamp(key: str, timestamp: object) -> int:
     return ts
 
 
+def metric_fields(key: object, value: object, step: object) -> tuple[float, int]:
+    """Validate one metric; return ``(value, step)`` as stored (``step=None`` means 0).
+
+    The common case (a cached key, a float, an int step) costs three type checks and no
+    call; anything else goes through the full checks above.
+    """
+    if key not in _VALID_KEYS:
+        check_key(key, "metric key")
+    if type(value) is not float:
+        value = check_metric_value(key, value)  # type: ignore[arg-type]
+    if step is None:
+        step = 0
+    elif type(step) is not int or not INT64_MIN <= step <= INT64_MAX:
+        step = check_step(key, step)  # type: ignore[arg-type]
+    return value, step  # type: ignore[return-value]
+
+
+def check_param_unchanged(key: str, previous: str | None, value: str) -> None:
+    """MLflow params are immutable within a run: a different value for a logged key is refused."""
+    if previous is not None and previous != value:
+        raise InvalidRecord(f"param {key!r}", f"already logged as {previous!r}, cannot change to {value!r:.80}",
+                            "MLflow params are immutable within a run")
+
+
 def _bounded_str(kind: str, key: str, value: object, limit: int) -> str:
     s = value if type(value) is str else str(value)
     if len(s) > limit:
