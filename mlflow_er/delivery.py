@@ -9,9 +9,8 @@ import logging
 import random
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import FailedRecord, SinkError
 from .records import Artifact, Batch, record_kind
@@ -37,14 +36,13 @@ class RetryPolicy:
 
 @dataclass
 class DeliveryStats:
-    """Counters a backend exposes through ``stats()``; written only by the delivering thread."""
+    """Delivery counters, each instance written by one thread only (a backend sums them in ``stats()``)."""
 
     delivered: int = 0
     failed: int = 0
     retries: int = 0
     batches: int = 0
     artifacts: int = 0
-    dropped: Counter = field(default_factory=Counter)
 
 
 def classify(exc: BaseException) -> SinkError:
