@@ -87,8 +87,11 @@ class DeliveryError(MlflowErError):
     """Raised by ``flush()``/``close()`` (or at once by the sync backend) for records not delivered.
 
     ``failed`` lists each failed record; ``unsent`` counts records still queued when a
-    timeout ran out.
+    timeout ran out; ``kept_in`` names the folder they were kept in at a close (replay it with
+    ``mlflow-er sync``), or is ``None``.
     """
+
+    kept_in: str | None = None
 
     def __init__(self, failed: Sequence[FailedRecord] = (), unsent: int = 0, message: str | None = None):
         self.failed = list(failed)

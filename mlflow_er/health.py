@@ -30,12 +30,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 from .errors import BackendClosed
-from .records import Metric
 from .validation import check_key
 
 log = logging.getLogger(__name__)
@@ -112,15 +110,13 @@ class HealthExporter:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     values[self.keys[name]] = float(v)
             if values:
-                run, step = self.run, self.samples
-                ts = time.time_ns() // 1_000_000
-                # Straight to the backend, stamped like Run.log_metrics does it (same per-run sequence).
-                run._backend.submit_many([Metric(run.run_id, k, v, ts, step, next(run._seq))
-                                          for k, v in values.items()])
+                self.run.log_metrics(values, step=self.samples)
             self.samples += 1
             return values
 
     def _safe_sample(self) -> bool:
+        if getattr(self.run, "ended", None):
+            return False  # the run's end is queued: a sample now would be refused
         try:
             self.sample()
         except BackendClosed:

@@ -25,12 +25,15 @@ log = logging.getLogger(__name__)
 
 GROUPS = {"backend": "mlflow_er.backends", "sink": "mlflow_er.sinks"}
 OWN_DISTRIBUTION = "mlflow-er"
-# Used only when mlflow-er runs from a source tree that was never installed, so its own
-# entry points are not visible: the same modules, registered by hand.
-_BUILTIN_FALLBACK = {
-    "backend": {"sync": "mlflow_er.backends.sync", "threaded": "mlflow_er.backends.threaded"},
-    "sink": {"mlflow": "mlflow_er.sinks.mlflow"},
-}
+#: mlflow-er's own strategies, ``(kind, name, module)``: the same as its entry points in
+#: pyproject.toml (a test checks the two agree). Registered from here only when mlflow-er runs
+#: from a source tree that was never installed, so its entry points are not visible.
+BUILTIN_PLUGINS: tuple[tuple[str, str, str], ...] = (
+    ("backend", "sync", "mlflow_er.backends.sync"),
+    ("backend", "threaded", "mlflow_er.backends.threaded"),
+    ("sink", "mlflow", "mlflow_er.sinks.mlflow"),
+    ("sink", "spool", "mlflow_er.sinks.spool"),
+)
 _RESOLVER = "mlflow_er.resolve"
 
 
@@ -87,10 +90,9 @@ def _load(pm: pluggy.PluginManager) -> None:
                 )
                 continue
             _register(pm, plugin, f"{group}:{ep.name}", dist)
-    for kind, table in _BUILTIN_FALLBACK.items():
+    for kind, name, modname in BUILTIN_PLUGINS:
         if not seen_own[kind]:
-            for name, modname in table.items():
-                _register(pm, importlib.import_module(modname), f"{GROUPS[kind]}:{name}", OWN_DISTRIBUTION)
+            _register(pm, importlib.import_module(modname), f"{GROUPS[kind]}:{name}", OWN_DISTRIBUTION)
     _register(pm, importlib.import_module(_RESOLVER), _RESOLVER, OWN_DISTRIBUTION)
 
 

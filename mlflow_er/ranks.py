@@ -183,7 +183,7 @@ class RankPlan:
         for rank 0 to publish its id.
         """
         if self.inactive:
-            from .sinks.spool import offline_experiment
+            from .resolve import offline_experiment
 
             return offline_experiment(args.get("experiment_name"), args.get("experiment_id"), args.get("tags"))
         if not self.shared or offline:  # offline resolution is local: nothing to race for

@@ -68,7 +68,30 @@ class Artifact(NamedTuple):
     fingerprint: tuple | None = None  # set when the snapshot is a hard link (see artifacts.verify)
 
 
+class RunStart(NamedTuple):
+    """A run block began: travels in the stream ahead of the run's records (sinks' ``start_run``)."""
+
+    run_id: str
+    timestamp: int
+    seq: int
+    run_name: str | None = None
+    parent_run_id: str | None = None
+    description: str | None = None
+    tags: dict[str, str] | None = None
+
+
+class RunEnd(NamedTuple):
+    """A run block ended with ``status``: "end the run" means "deliver up to and including this"."""
+
+    run_id: str
+    timestamp: int
+    seq: int
+    status: str = "FINISHED"
+
+
 Record = Metric | Param | Tag | Artifact
+#: Everything a backend carries: the data records plus the run lifecycle markers.
+StreamItem = Metric | Param | Tag | Artifact | RunStart | RunEnd
 
 #: MLflow's limits for one ``log_batch`` request (see MLflow's REST API docs).
 MAX_METRICS_PER_BATCH = 1000
@@ -84,14 +107,15 @@ def record_kind(record: Record) -> str:
     return _KIND[type(record)]
 
 
-_KIND = {Metric: "metric", Param: "param", Tag: "tag", Artifact: "artifact"}
+_KIND = {Metric: "metric", Param: "param", Tag: "tag", Artifact: "artifact", RunStart: "run_start",
+         RunEnd: "run_end"}
 
 
 def approx_size(record: Record) -> int:
     """A cheap estimate of a record's JSON size in a ``log_batch`` body."""
     if type(record) is Metric:
         return len(record.key) + 80
-    if type(record) is Artifact:
+    if type(record) is not Param and type(record) is not Tag:
         return 200
     return len(record.key) + len(record.value) + 40
 

@@ -1,8 +1,17 @@
-"""Built-in experiment and run resolution (``trylast``: any third-party resolver wins)."""
+"""Built-in experiment and run resolution (``trylast``: any third-party resolver wins).
+
+Offline (the tracker passes ``client=None`` because none of its sinks needs a server) the
+built-ins resolve without contacting anything: a local experiment record and the given or a
+new MLflow-style run id; ``mlflow-er sync`` later finds or creates both by name and id. This
+lives here, not in a sink plugin, so any offline-only sink works on its own.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
+import uuid
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Experiment, LifecycleStage
@@ -33,10 +42,25 @@ def find_run_id(client: MlflowClient, experiment_id: str, run_name: str | None =
     return None, None
 
 
+def offline_experiment(experiment_name: str | None, experiment_id: str | None = None,
+                       tags: dict[str, str] | None = None) -> Any:
+    """An ``mlflow.entities.Experiment`` made up locally; ``mlflow-er sync`` finds or creates it by name."""
+    from mlflow.entities import ExperimentTag
+
+    now = time.time_ns() // 1_000_000
+    return Experiment(experiment_id=str(experiment_id) if experiment_id is not None else "",
+                      name=experiment_name or "Default", artifact_location="",
+                      lifecycle_stage=LifecycleStage.ACTIVE,
+                      tags=[ExperimentTag(k, str(v)) for k, v in (tags or {}).items()],
+                      creation_time=now, last_update_time=now)
+
+
 @hookimpl(trylast=True)
-def mlflow_er_resolve_experiment(client: MlflowClient, experiment_name: str | None, experiment_id: str | None,
-                                 artifact_location: str | None, create_new: bool,
+def mlflow_er_resolve_experiment(client: MlflowClient | None, experiment_name: str | None,
+                                 experiment_id: str | None, artifact_location: str | None, create_new: bool,
                                  tags: dict[str, str]) -> Experiment:
+    if client is None:
+        return offline_experiment(experiment_name, experiment_id, tags)
     exp: Experiment | None = None
     where = client.tracking_uri
     if experiment_name is not None:
@@ -62,9 +86,11 @@ def mlflow_er_resolve_experiment(client: MlflowClient, experiment_name: str | No
 
 
 @hookimpl(trylast=True)
-def mlflow_er_resolve_run(client: MlflowClient, experiment_id: str, run_name: str | None, run_id: str | None,
-                          description: str | None, parent_run_id: str | None,
+def mlflow_er_resolve_run(client: MlflowClient | None, experiment_id: str, run_name: str | None,
+                          run_id: str | None, description: str | None, parent_run_id: str | None,
                           tags: dict[str, str]) -> str:
+    if client is None:
+        return run_id or uuid.uuid4().hex
     _, found = find_run_id(client, experiment_id, run_name, run_id)
     if found:
         log.info("resuming run %s (%s)", run_name or "", found)

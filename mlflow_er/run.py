@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import artifacts
-from .errors import InvalidRecord
-from .records import Artifact, Metric, Param, Tag
+from .errors import InvalidRecord, MlflowErError
+from .records import Artifact, Metric, Param, RunEnd, RunStart, Tag
 from .validation import (
     _VALID_KEYS,
     INT64_MAX,
@@ -48,12 +48,13 @@ class Run:
 
     def __init__(self, run_id: str, backend: Backend, client: Any, params: Mapping[str, str] | None = None,
                  tracker: Any = None):
+        # ``tracker`` is accepted for callers of 0.2 and not kept: a run needs only its backend.
         self.run_id = run_id
         self._backend = backend
         self._submit = backend.submit
         self._submit_many = backend.submit_many
         self._client = client
-        self._tracker = tracker
+        self.ended: str | None = None  # the status the block ended with, once it has
         self._seq = itertools.count()
         self._params: dict[str, str] = dict(params or {})
         self._lat = array("q", bytes(8 * _LAT_SLOTS))
@@ -207,6 +208,22 @@ class Run:
         if not isinstance(text, str):
             raise InvalidRecord("text", f"must be a str, got {type(text).__name__}")
         self._payload("text", text, artifact_file)
+
+    # -- the run's start and end travel in the stream, like its records --------------------
+    def _begin(self, run_name: str | None = None, parent_run_id: str | None = None,
+               description: str | None = None, tags: Mapping[str, str] | None = None) -> None:
+        self._submit(RunStart(self.run_id, time.time_ns() // 1_000_000, next(self._seq), run_name, parent_run_id,
+                              description, dict(tags or {})))
+
+    def _end(self, status: str) -> None:
+        """Queue the run's end after everything logged so far; any later log call raises at once."""
+        self._submit(RunEnd(self.run_id, time.time_ns() // 1_000_000, next(self._seq), status))
+        self.ended = status
+        self._submit = self._submit_many = self._refuse  # type: ignore[method-assign,assignment]
+
+    def _refuse(self, *_: Any) -> None:
+        raise MlflowErError(f"run {self.run_id} has ended ({self.ended}): log inside its `with tracker.run(...)` "
+                            "block, or open it again with tracker.run(run_id=...)")
 
     # -- delivery --------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> None:

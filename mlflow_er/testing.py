@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import artifacts as _artifacts
 from .errors import SinkError
 from .hookspecs import SinkContext, hookimpl
 from .records import Artifact, Batch, Metric, Param, Tag
@@ -272,15 +271,8 @@ def _read_artifact(artifact: Artifact) -> dict[str, bytes]:
     """Copy an artifact's content into memory, keyed by its destination path in the run."""
     prefix = f"{artifact.artifact_path.strip('/')}/" if artifact.artifact_path else ""
     if artifact.local_path is None:
-        if artifact.payload is None:
-            raise SinkError("memory sink: artifact has neither a local path nor a payload")
-        # A backend normally renders payloads first; do it here so any backend can be tested.
-        kind, content = artifact.payload
-        path = _artifacts.render(kind, content, artifact.name or "artifact")
-        try:
-            return {prefix + os.path.basename(path): Path(path).read_bytes()}
-        finally:
-            _artifacts.discard(path)
+        # The pipeline renders payloads before any sink sees them.
+        raise SinkError("memory sink: artifact has no local file (was it handed in without the pipeline?)")
     src = Path(artifact.local_path)
     if artifact.is_dir:
         return {prefix + f.relative_to(src).as_posix(): f.read_bytes() for f in sorted(src.rglob("*")) if f.is_file()}
@@ -300,11 +292,12 @@ class MemorySinkPlugin:
         self.instances: list[MemorySink] = []
 
     @property
-    def last(self) -> MemorySink:
-        """The most recently built sink (``LookupError`` if none was built)."""
-        if not self.instances:
-            raise LookupError("no memory sink was built yet")
-        return self.instances[-1]
+    def last(self) -> MemorySink | None:
+        """The most recently built sink, or ``None`` if none was built yet.
+
+        Never raises: pluggy reads every attribute of a plugin when it is registered.
+        """
+        return self.instances[-1] if self.instances else None
 
     @hookimpl
     def mlflow_er_sink_names(self) -> list[str]:
@@ -421,11 +414,12 @@ def capture(experiment_name: str | None = "mlflow-er-capture", *, tracking_uri: 
         return
     if getattr(tracker, "_open_runs", 0):
         raise RuntimeError("capture(tracker=...) needs a tracker without an open run")
-    tracker._sinks.append(mem)
+    before = list(tracker._spec)
+    tracker._set_sinks([*before, mem])
     try:
         yield Capture(tracker, mem)
     finally:
-        tracker._sinks.remove(mem)
+        tracker._set_sinks(before)
 
 
 # -- fake distributions ----------------------------------------------------------------------

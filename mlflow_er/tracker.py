@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,9 +19,11 @@ from mlflow.entities import LifecycleStage
 
 from . import health, plugins
 from .backends.base import Backend
-from .errors import DeliveryError, FailedRecord, MlflowErError, Terminated, TrackingUnavailable
+from .errors import DeliveryError, MlflowErError, Terminated, TrackingUnavailable
 from .hookspecs import SinkContext
 from .jobs import JobRunner
+from .pipeline import Pipeline
+from .pipeline import build as build_pipeline
 from .ranks import InactiveBackend, InactiveClient, RankPlan
 from .run import Run
 from .sinks.base import Sink
@@ -139,9 +143,11 @@ class ExperimentTracker:
         self.git_commit = (self._experiment.tags or {}).get("git_commit", commit)
         self._backend = InactiveBackend(self.rank) if inactive else self._build_backend(backend, backend_options or {})
         self._sink_options = sink_options or {}
-        self._own: dict[int, str] = {}  # id(sink) -> name, for the sinks built here by name
-        self._sinks = [] if inactive else [self._make_sink(s) for s in spec]
-        self._sinks_closed = False
+        self._spec: list[str | Sink] = [] if inactive else spec
+        # Built now so a bad name or option fails here, not at the first run; rebuilt per outermost run.
+        self._pipeline: Pipeline | None = self._new_pipeline() if not inactive else None
+        self._pipeline_fresh = True
+        self._runs_lock = threading.Lock()  # opening/closing the shared backend, from any thread
         self._open_runs = 0
         self._jobs = JobRunner()
         self._active: list[Run] = []
@@ -167,13 +173,22 @@ class ExperimentTracker:
             raise MlflowErError("at least one sink is needed")
         return out
 
-    def _make_sink(self, spec: str | Sink) -> Sink:
-        if isinstance(spec, Sink):
-            return spec
-        ctx = SinkContext(self._uri, self.id, self._experiment.name, dict(self._sink_options.get(spec, {})))
-        sink = plugins.make_sink(spec, ctx)
-        self._own[id(sink)] = spec
-        return sink
+    def _sink_context(self, name: str) -> SinkContext:
+        return SinkContext(self._uri, self.id, self._experiment.name, dict(self._sink_options.get(name, {})))
+
+    def _set_sinks(self, spec: list[str | Sink]) -> None:
+        """Change the sinks between runs (``testing.capture``): the next run delivers to these."""
+        with self._runs_lock:
+            if self._open_runs:
+                raise MlflowErError("the sinks of a tracker can change only while none of its runs is open")
+            if self._pipeline is not None and not self._pipeline.closed:
+                self._pipeline.close(0)
+            self._spec = list(spec)
+            self._pipeline = self._new_pipeline()
+            self._pipeline_fresh = True
+
+    def _new_pipeline(self) -> Pipeline:
+        return build_pipeline(self._spec, self._sink_context, tracking_uri=self._uri)
 
     @property
     def client(self) -> MlflowClient:
@@ -189,8 +204,8 @@ class ExperimentTracker:
 
     @property
     def sinks(self) -> list[Sink]:
-        """The sinks this tracker's records land in."""
-        return list(self._sinks)
+        """The sinks this tracker's records land in (durable ones first)."""
+        return self._pipeline.sinks if self._pipeline is not None else []
 
     # -- the seed's properties -------------------------------------------------------------
     def _fresh(self):
@@ -251,7 +266,7 @@ class ExperimentTracker:
         e = self._experiment
         return (f"ExperimentTracker(name={e.name!r}, id={e.experiment_id!r}, uri={_redact(self._uri)!r}, "
                 f"artifact_location={e.artifact_location!r}, git_commit={self.git_commit!r}, "
-                f"backend={self._backend.name!r}, sinks={[s.name for s in self._sinks]!r})")
+                f"backend={self._backend.name!r}, sinks={[s.name for s in self.sinks]!r})")
 
     # -- runs ------------------------------------------------------------------------------
     def get_all_runs(self):
@@ -308,16 +323,10 @@ class ExperimentTracker:
         if not self.offline and self.rank.owns_runs:
             active = mlflow.start_run(run_id=rid, nested=nested, tags=tags or None, description=description)
             params = active.data.params if active.data else {}
-        if self._open_runs == 0:
-            if self._sinks_closed:  # the previous outermost run closed the sinks built by name
-                old, self._own = self._own, {}
-                self._sinks = [self._make_sink(old[id(s)]) if id(s) in old else s for s in self._sinks]
-                self._sinks_closed = False
-            self._backend.open(self._sinks)
-        self._open_runs += 1
-        for sink in self._sinks:
-            sink.start_run(rid, run_name=run_name, parent_run_id=parent_id, description=description, tags=tags)
+        self._open_backend()
         handle = self.rank.make_run(rid, self._backend, None if self.offline else self.client, params, tracker=self)
+        if self.rank.owns_runs:
+            handle._begin(run_name=run_name, parent_run_id=parent_id, description=description, tags=tags)
         self._active.append(handle)
         exporter = health.start(handle, self.health_interval)
         status = "FINISHED"
@@ -331,48 +340,51 @@ class ExperimentTracker:
             status, block_error = "FAILED", exc
             raise
         finally:
-            self._active.pop()
+            if handle in self._active:
+                self._active.remove(handle)  # blocks may end in any order
             if exporter is not None:
                 exporter.stop()  # a last sample, before the final flush delivers it
             self._finish(handle, status, block_error)
 
-    def _close_own_sinks(self) -> list[FailedRecord]:
-        """Close the sinks this tracker built by name (instances passed in belong to the caller)."""
-        failed = []
-        for sink in self._sinks:
-            if id(sink) in self._own:
-                try:
-                    sink.close()
-                except Exception as exc:
-                    failed.append(FailedRecord("sink", sink.name, f"close failed: {type(exc).__name__}: {exc}"))
-        self._sinks_closed = True
-        return failed
+    def _open_backend(self) -> None:
+        with self._runs_lock:
+            if self._open_runs == 0 and self._pipeline is not None:
+                if not self._pipeline_fresh:  # the previous outermost run closed it: sinks by name are rebuilt
+                    self._pipeline = self._new_pipeline()
+                self._pipeline_fresh = False
+                self._backend.open(self._pipeline)
+            self._open_runs += 1
 
     def _finish(self, handle: Run, status: str, block_error: BaseException | None) -> None:
-        failures = self._jobs.join_all(self.close_timeout)
-        self._open_runs -= 1
+        """End a run block within ``close_timeout``, whatever happens meanwhile (Ctrl-C, SIGTERM).
+
+        Its end record follows its records; then this thread waits for delivery (the last run
+        of the backend closes it). What is unsent when time runs out — or when a second Ctrl-C
+        or a SIGTERM arrives — is kept on disk, with the ``mlflow-er sync`` command logged.
+        """
+        budget = self.close_timeout
+        deadline = None if budget is None else time.monotonic() + budget
+        failures = self._jobs.join_all(budget)
+        if self.rank.owns_runs:
+            handle._end(status)
+        else:
+            handle.ended = status
         problem: DeliveryError | None = None
+        interrupted: BaseException | None = None
         try:
-            if self._open_runs == 0:
-                self._backend.close(self.close_timeout)
-            else:
-                self._backend.flush(self.close_timeout)
-        except DeliveryError as exc:
-            problem = exc
-        for sink in self._sinks if self.rank.owns_runs else ():  # with ranks="all" rank 0 ends the run
-            try:
-                sink.end_run(handle.run_id, status)
-            except Exception as exc:
-                failures.append(FailedRecord("sink", sink.name, f"end_run failed: {type(exc).__name__}: {exc}"))
-        if self._open_runs == 0:
-            failures += self._close_own_sinks()
-        if not self.offline:
-            current = mlflow.active_run()
-            if current is not None and current.info.run_id == handle.run_id:
-                mlflow.end_run(status)
+            problem = self._deliver_run(deadline, status)
+        except (KeyboardInterrupt, Terminated) as exc:  # stop now: unsent records were kept on disk
+            interrupted, status = exc, "KILLED"
+        if not self.offline and self.rank.owns_runs:
+            left = 5.0 if deadline is None else max(1.0, deadline - time.monotonic())
+            self._end_mlflow_run(handle.run_id, status, left)
+        if interrupted is not None:
+            raise interrupted
         if failures or problem:
             error = DeliveryError([*failures, *(problem.failed if problem else [])],
-                                  unsent=problem.unsent if problem else 0)
+                                  unsent=problem.unsent if problem else 0,
+                                  message=str(problem) if problem and not failures else None)
+            error.kept_in = problem.kept_in if problem else None
             if block_error is not None:
                 # Never mask the block's own exception: attach the delivery problem to it.
                 log.error("run %s: %s", handle.run_id, error)
@@ -380,3 +392,92 @@ class ExperimentTracker:
                     block_error.add_note(f"mlflow-er: {error}")
                 return
             raise error from problem
+
+    def _deliver_run(self, deadline: float | None, status: str) -> DeliveryError | None:
+        with self._runs_lock:
+            self._open_runs -= 1
+            last = self._open_runs == 0
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            if not last:
+                self._backend.flush(left)
+                return None
+            first: DeliveryError | None = None
+            if status != "FINISHED" and (left is None or left > 1.0):
+                # Interrupted with records still queued: say what we are waiting for before waiting.
+                try:
+                    self._backend.flush(1.0)
+                except DeliveryError as exc:
+                    first = exc
+                    if exc.unsent:
+                        log.warning("mlflow-er: sending %d record(s) to %s for up to %.0f s — Ctrl-C again to "
+                                    "stop now; unsent records will be kept in %s", exc.unsent, self._shown_uri(),
+                                    max(0.0, (left or 0) - 1.0), self._keep_location())
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                self._backend.close(left)
+            except DeliveryError as exc:
+                if first is None:
+                    return exc
+                merged = DeliveryError([*first.failed, *exc.failed], unsent=exc.unsent, message=str(exc))
+                merged.kept_in = exc.kept_in
+                return merged
+            if first is not None and first.failed:
+                return DeliveryError(first.failed)
+        except DeliveryError as exc:
+            return exc
+        return None
+
+    def _keep_location(self) -> str:
+        pipeline = getattr(self._backend, "pipeline", None)
+        return pipeline.keep_location() if isinstance(pipeline, Pipeline) else "a folder under the staging directory"
+
+    def _shown_uri(self) -> str:
+        from .sinks.mlflow import _redact
+
+        return _redact(self._uri)
+
+    def _end_mlflow_run(self, run_id: str, status: str, budget: float) -> None:
+        """Take the run off MLflow's active-run stack (wherever it is) and store its status, bounded.
+
+        MLflow's own ``end_run`` only ends the run on top of the stack and waits as long as its
+        HTTP retries take; blocks may end in any order and a server may never answer.
+        """
+        import mlflow.tracking.fluent as fluent
+
+        stack_var = getattr(fluent, "_active_run_stack", None)
+        stack = stack_var.get() if stack_var is not None else None
+        if stack is None:  # an MLflow without the private stack: its own end_run, unbounded
+            current = mlflow.active_run()
+            if current is not None and current.info.run_id == run_id:
+                mlflow.end_run(status)
+            return
+        mine = [i for i, r in enumerate(stack) if r.info.run_id == run_id]
+        if not mine:
+            return
+        stack.pop(mine[-1])
+        from mlflow.environment_variables import MLFLOW_RUN_ID
+
+        MLFLOW_RUN_ID.unset()
+        last = getattr(fluent, "_last_active_run_id", None)
+        if last is not None and hasattr(last, "set"):
+            last.set(run_id)
+        monitor = getattr(fluent, "run_id_to_system_metrics_monitor", {}).pop(run_id, None)
+        if monitor is not None:
+            monitor.finish()
+        errors: list[BaseException] = []
+
+        def terminate() -> None:
+            try:
+                self.client.set_terminated(run_id, status)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=terminate, name="mlflow-er-end-run", daemon=True)
+        t.start()
+        t.join(budget)
+        if t.is_alive():
+            log.error("mlflow-er: the tracking server did not confirm run %s as %s within %.0f s; it may show "
+                      "RUNNING until the server answers", run_id, status, budget)
+        elif errors:
+            log.error("mlflow-er: could not mark run %s as %s: %s", run_id, status, errors[0])

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .. import artifacts
 from ..records import MAX_METRICS_PER_BATCH, Record
@@ -45,7 +46,7 @@ class Spill:
 
     def append(self, record: Record) -> None:
         """Write one record (called with the backend's lock held, so order is call order)."""
-        self._writer.append([record])
+        self._writer.append([_to_spool(record)])
         self.appended += 1
 
     def take(self, limit: int, upto: int | None = None) -> list[Record]:
@@ -57,7 +58,7 @@ class Spill:
             return out
         pos = None
         for record, where in self._reader.records(after=self._pos):
-            out.append(record)  # type: ignore[arg-type]
+            out.append(_from_spool(record))
             pos = where
             if len(out) >= limit:
                 break
@@ -80,45 +81,83 @@ class Spill:
                       self.path)
 
 
-class Spilling:
-    """Spill half of the threaded backend (a mixin: it shares the backend's lock and queue state)."""
+def _to_spool(item: Any) -> Any:
+    """A run's start/end as the spool's own run record (the format has no other way to say it)."""
+    from ..records import RunEnd, RunStart
+    from ..spool.format import RunInfo
 
-    def _spill_locked(self, record: Record) -> None:
-        """Append to the spill (lock held). Once spilling, every record goes there until it is drained."""
-        if self._spill is None:
-            self._spill = Spill(self.spill_path)
-        if not self._spilling:
-            self._spilling = True
-            self._limit = 0  # route the hot path here too, so call order holds
-            log.warning("mlflow-er: buffer full; spilling to %s until the writer catches up", self._spill.path)
-        self._spill.append(record)
-        self._spilled += 1
-        self._wake.set()
+    if type(item) is RunStart:
+        fields = {"event": "start", "run_name": item.run_name, "parent_run_id": item.parent_run_id,
+                  "description": item.description, "tags": item.tags or {}}
+        return RunInfo(item.run_id, item.timestamp, item.seq, {k: v for k, v in fields.items() if v is not None})
+    if type(item) is RunEnd:
+        return RunInfo(item.run_id, item.timestamp, item.seq, {"event": "end", "status": item.status})
+    return item
 
-    def _finish_spill(self) -> None:
-        """Close the spill; records left in it stay on disk for ``mlflow-er sync`` (counted)."""
-        with self._lock:
-            if self._spill is None:
-                return
-            self._spill_kept += self._spill.pending()
-            self._spill.close()  # keeps the folder, and says so, if records are left
-            self._spill, self._spilling, self._limit = None, False, self.max_queue
 
-    def _spill_pending(self) -> int:
-        return self._spill.pending() if self._spill is not None else 0
+def _from_spool(rec: Any) -> Any:
+    from ..records import RunEnd, RunStart
+    from ..spool.format import RunInfo
 
-    def _drain_spill(self, upto: int | None = None) -> None:
-        """Deliver the next chunk of spilled records; stop spilling once it is empty."""
-        assert self._spill is not None
-        recs = self._spill.take(20 * MAX_METRICS_PER_BATCH, upto)
-        self._inflight = len(recs)
-        try:
-            self._deliver(recs)
-        finally:
-            self._inflight = 0
-        with self._lock:
-            if self._spilling and not self._spill.pending():
-                self._spilling = False
-                self._limit = self.max_queue
-                if self._waiters:
-                    self._not_full.notify_all()
+    if type(rec) is not RunInfo:
+        return rec
+    f = rec.fields
+    if f.get("event") == "end":
+        return RunEnd(rec.run_id, rec.timestamp, rec.seq, f.get("status", "FINISHED"))
+    return RunStart(rec.run_id, rec.timestamp, rec.seq, f.get("run_name"), f.get("parent_run_id"),
+                    f.get("description"), f.get("tags"))
+
+
+class Overflow:
+    """The threaded backend's ``on_full="spill"`` state: a :class:`Spill` while the buffer is full.
+
+    Callers append (with the backend's lock held, so order is call order); the writer thread
+    reads back. Composed into the backend, not mixed in: it owns its own fields.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None):
+        self.path = path
+        self.spill: Spill | None = None
+        self.active = False  # once spilling, every record goes to disk until it is drained
+        self.spilled = 0
+        self.kept = 0  # spilled records left on disk at close, for `mlflow-er sync`
+
+    def append(self, record: Record) -> bool:
+        """Spill one record (lock held). True when this starts a spilling episode."""
+        if self.spill is None:
+            self.spill = Spill(self.path)
+        started = not self.active
+        if started:
+            self.active = True
+            log.warning("mlflow-er: buffer full; spilling to %s until the writer catches up", self.spill.path)
+        self.spill.append(record)
+        self.spilled += 1
+        return started
+
+    def pending(self) -> int:
+        return self.spill.pending() if self.spill is not None else 0
+
+    def appended(self) -> int:
+        return self.spill.appended if self.spill is not None else 0
+
+    def read(self) -> int:
+        return self.spill.read if self.spill is not None else 0
+
+    def take(self, upto: int | None = None) -> list[Record]:
+        """The next chunk of spilled records (writer thread)."""
+        return self.spill.take(20 * MAX_METRICS_PER_BATCH, upto) if self.spill is not None else []
+
+    def drained(self) -> bool:
+        """True (and spilling stops) once everything spilled was read back (lock held)."""
+        if self.active and not self.pending():
+            self.active = False
+            return True
+        return False
+
+    def finish(self) -> None:
+        """Close the spill; records left in it stay on disk for ``mlflow-er sync`` (counted, lock held)."""
+        if self.spill is None:
+            return
+        self.kept += self.spill.pending()
+        self.spill.close()  # keeps the folder, and says so, if records are left
+        self.spill, self.active = None, False

@@ -1,13 +1,26 @@
 """The sink contract: as small as an HTTP transport.
 
-A sink is told to write a :class:`~mlflow_er.records.Batch` (one run, within MLflow's
-``log_batch`` limits) or one :class:`~mlflow_er.records.Artifact` (a local file or folder
-already snapshotted). It raises on failure: a :class:`~mlflow_er.errors.SinkError` with
-``transient=True`` when retrying may help (the backend retries with backoff), anything
-else is taken as permanent (the backend bisects the batch to find the bad record).
-A backend calls ``write_batch`` from one thread at a time and ``write_artifact`` from
-one thread at a time, but the two may run concurrently (the threaded backend uploads
-artifacts on their own thread so a large file does not hold metrics back).
+Only :meth:`Sink.write_batch` is required: store a :class:`~mlflow_er.records.Batch` (one
+run, within MLflow's ``log_batch`` limits) or raise — a :class:`~mlflow_er.errors.SinkError`
+with ``transient=True`` when retrying may help (the pipeline retries with backoff), anything
+else is permanent (the pipeline bisects the batch to isolate the bad record). A
+``SinkError`` with ``whole_run=True`` says the destination refuses the run itself.
+
+Optional capabilities, used only when a subclass overrides them:
+
+* :meth:`Sink.write_artifact` — store a file or folder (a snapshot the pipeline already
+  rendered and verified). A sink without it is simply not given artifacts.
+* :meth:`Sink.start_run` / :meth:`Sink.end_run` — the run's start and end, which travel in
+  the same ordered stream as its records (``end_run`` comes after every record and artifact
+  of the run).
+* :meth:`Sink.flush` (make durable) and :meth:`Sink.close` (release).
+
+Threads: the :class:`~mlflow_er.pipeline.Pipeline` is the only caller. Each sink has its
+own lane: ``write_batch``, ``start_run`` and ``end_run`` are called from one thread at a time
+(the lane's), ``write_artifact`` from one other thread at a time (the lane's artifact
+thread, so a big file never holds metrics back), ``flush``/``close`` from the thread that
+flushes or closes, never concurrently with each other. With the ``sync`` backend all of
+them run on the caller's thread.
 """
 
 from __future__ import annotations
@@ -18,13 +31,18 @@ from ..records import Artifact, Batch
 
 
 class Sink:
-    """Base class for sinks. Override :meth:`write_batch` and :meth:`write_artifact`."""
+    """Base class for sinks. Override :meth:`write_batch`; the rest is optional (module docstring)."""
 
-    #: The name users type to select the sink (the entry-point name).
+    #: How the sink is shown (reprs, stats, errors). For a sink built by name, the name users
+    #: type is the one its plugin answers to in ``mlflow_er_make_sink``; keep the two equal.
     name: str = "sink"
     #: False for a sink that works with no tracking server (a tracker whose sinks all say
-    #: False runs offline). Sinks built by name answer through ``mlflow_er_sink_needs_server``.
+    #: False runs offline). Asked before a sink is built through ``mlflow_er_sink_needs_server``;
+    #: a plugin can answer that hook from this attribute (see docs/plugins.md).
     needs_server: bool = True
+    #: True for a sink whose writes survive a crash once :meth:`flush` returns (the spool):
+    #: the pipeline writes it first, on the delivering thread, ahead of every other sink.
+    durable: bool = False
 
     def start_run(self, run_id: str, *, run_name: str | None = None, parent_run_id: str | None = None,
                   description: str | None = None, tags: dict[str, str] | None = None) -> None:
@@ -57,3 +75,18 @@ class Sink:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def handles_artifacts(sink: Sink) -> bool:
+    """Whether ``sink`` implements :meth:`Sink.write_artifact` (else it is not given artifacts)."""
+    return _overrides(sink, "write_artifact")
+
+
+def handles_runs(sink: Sink) -> bool:
+    """Whether ``sink`` implements :meth:`Sink.start_run` or :meth:`Sink.end_run`."""
+    return _overrides(sink, "start_run") or _overrides(sink, "end_run")
+
+
+def _overrides(sink: object, method: str) -> bool:
+    mine = getattr(type(sink), method, None)
+    return mine is not None and mine is not getattr(Sink, method, None)

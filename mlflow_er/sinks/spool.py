@@ -96,9 +96,9 @@ def _fsync_path(path: Path) -> None:
 class SpoolSink(Sink):
     """Writes records to a local spool and (optionally) uploads it; see the module docstring for options."""
 
-    needs_server = False
-
     name = NAME
+    needs_server = False
+    durable = True  # the pipeline writes it first; a record is acknowledged by the group fsync
 
     def __init__(self, path: str | os.PathLike[str] | None = None, upload_url: str | None = None, *,
                  experiment_id: str | None = None, experiment_name: str | None = None,
@@ -143,9 +143,9 @@ class SpoolSink(Sink):
 
     def write_artifact(self, artifact: Artifact) -> None:
         """Snapshot the file or folder into the spool, then append a record pointing at the snapshot."""
-        from ..backends.base import materialize
+        from ..staging import materialize
 
-        rendered = artifact.payload is not None
+        rendered = artifact.payload is not None  # the pipeline renders first; a direct caller may not
         if rendered:
             artifact = materialize(artifact)
         try:
@@ -202,10 +202,6 @@ class SpoolSink(Sink):
         """fsync now: every record written so far is acknowledged when this returns."""
         self.writer.flush()
 
-    def rotate(self) -> None:
-        """Seal the current segment now (e.g. at a run's end) so it is uploaded without waiting for size/age."""
-        self.writer.rotate()
-
     def close(self, timeout: float | None = None) -> None:
         """Seal the last segment and upload what is pending within ``timeout`` (default ``upload_timeout``).
 
@@ -259,38 +255,6 @@ class SpoolSink(Sink):
         return f"<SpoolSink {str(self.path)!r}{dest}>"
 
 
-# -- offline resolution (a tracker with only spool sinks never contacts a server) ----------------
-def offline_experiment(experiment_name: str | None, experiment_id: str | None = None,
-                       tags: dict[str, str] | None = None) -> Any:
-    """An ``mlflow.entities.Experiment`` made up locally; ``mlflow-er sync`` finds or creates it by name."""
-    from mlflow.entities import Experiment, ExperimentTag, LifecycleStage
-
-    now = time.time_ns() // 1_000_000
-    return Experiment(experiment_id=str(experiment_id) if experiment_id is not None else "",
-                      name=experiment_name or "Default", artifact_location="",
-                      lifecycle_stage=LifecycleStage.ACTIVE,
-                      tags=[ExperimentTag(k, str(v)) for k, v in (tags or {}).items()],
-                      creation_time=now, last_update_time=now)
-
-
-@hookimpl(tryfirst=True)
-def mlflow_er_resolve_experiment(client: Any, experiment_name: str | None, experiment_id: str | None,
-                                 artifact_location: str | None, create_new: bool, tags: dict[str, str]) -> Any:
-    """Offline (the tracker passes ``client=None``): a local experiment; online: defer to the others."""
-    if client is not None:
-        return None
-    return offline_experiment(experiment_name, experiment_id, tags)
-
-
-@hookimpl(tryfirst=True)
-def mlflow_er_resolve_run(client: Any, experiment_id: str, run_name: str | None, run_id: str | None,
-                          description: str | None, parent_run_id: str | None, tags: dict[str, str]) -> str | None:
-    """Offline (``client=None``): the given run id (resume) or a new MLflow-style id; online: defer."""
-    if client is not None:
-        return None
-    return run_id or uuid.uuid4().hex
-
-
 # -- plugin hooks ------------------------------------------------------------------------------
 @hookimpl
 def mlflow_er_sink_names() -> list[str]:
@@ -299,7 +263,7 @@ def mlflow_er_sink_names() -> list[str]:
 
 @hookimpl
 def mlflow_er_sink_needs_server(name: str) -> bool | None:
-    return False if name == NAME else None
+    return SpoolSink.needs_server if name == NAME else None
 
 
 @hookimpl
