@@ -36,7 +36,7 @@ from typing import Any
 from .errors import DeliveryError, FailedRecord, InvalidRecord
 from .mlflow_uris import MODES, install_companions, split_uri
 from .mlflow_uris import inner_uri as inner_uri  # re-exported: the mlflow sink strips prefixes with it
-from .records import Metric, Param, Tag
+from .records import Metric, Param, RunEnd, RunStart, Tag
 from .validation import (
     INT64_MAX,
     MAX_PARAM_VALUE_LENGTH,
@@ -95,16 +95,15 @@ class _Route:
     """One backend and its sinks for one (mode, inner URI), shared by every store MLflow builds for it."""
 
     def __init__(self, mode: str, inner: str):
-        from . import plugins
+        from . import pipeline, plugins
         from .hookspecs import SinkContext
 
-        ctx = SinkContext(inner)
-        # Spool first: a batch is on disk before the (possibly retrying) mlflow sink sees it.
-        self.sinks = [plugins.make_sink("spool", ctx)] if mode == "spool" else []
-        self.sinks.append(plugins.make_sink("mlflow", ctx))
-        self.backend = plugins.make_backend("threaded")
-        self.backend.open(self.sinks)
         self.uri = f"{mode}+{inner}"
+        # Built the way a tracker builds its own: the spool (durable) lane is written first.
+        specs = ["spool", "mlflow"] if mode == "spool" else ["mlflow"]
+        self.pipeline = pipeline.build(specs, lambda name: SinkContext(inner), tracking_uri=inner)
+        self.backend = plugins.make_backend("threaded")
+        self.backend.open(self.pipeline)
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.seqs: dict[str, itertools.count] = {}
@@ -142,23 +141,22 @@ class _Route:
         return mine
 
     def start_run(self, run: Any) -> None:
-        self.seq(run.info.run_id)
+        """The run's start goes into the stream (the spool records it, for `mlflow-er sync`)."""
+        seq = self.seq(run.info.run_id)
         tags = dict(run.data.tags) if run.data else {}
-        for sink in self.sinks[:-1]:  # the spool records how the run began, for `mlflow-er sync`
-            sink.start_run(run.info.run_id, run_name=run.info.run_name, parent_run_id=tags.get("mlflow.parentRunId"),
-                           description=tags.get("mlflow.note.content"), tags=tags)
+        self.backend.submit(RunStart(run.info.run_id, _now_ms(), next(seq), run.info.run_name,
+                                     tags.get("mlflow.parentRunId"), tags.get("mlflow.note.content"), tags))
 
-    def end_run(self, run_id: str, status: str) -> list[FailedRecord]:
-        failed = []
-        for sink in self.sinks[:-1]:
-            try:
-                sink.end_run(run_id, status)
-            except Exception as exc:
-                failed.append(FailedRecord("sink", sink.name, f"end_run failed: {type(exc).__name__}: {exc}", run_id))
+    def end_run(self, run_id: str, status: str) -> None:
+        """Queue the run's end after its records; the caller flushes, then takes the failures."""
+        self.backend.submit(RunEnd(run_id, _now_ms(), next(self.seq(run_id)), status))
+
+    def forget(self, run_id: str) -> list[FailedRecord]:
         with self.lock:
             self.live.discard(run_id)
             self.params.pop(run_id, None)
-        return failed + self.take(run_id)
+            self.seqs.pop(run_id, None)
+        return self.take(run_id)
 
     def _at_exit(self) -> None:
         # Before the backends' own drain (atexit is LIFO): what failed must be logged, not kept.
@@ -338,6 +336,8 @@ class RoutedWrites:
         if route is None:
             return super().update_run_info(run_id, run_status, end_time, run_name)  # type: ignore[misc]
         ending = run_status is not None and RunStatus.is_terminated(run_status)
+        if ending:
+            route.end_run(run_id, RunStatus.to_string(run_status))
         late: DeliveryError | None = None
         try:
             route.flush(flush_timeout())
@@ -347,7 +347,7 @@ class RoutedWrites:
             late = exc  # the run still ends; the shortfall is reported below
         info = super().update_run_info(run_id, run_status, end_time, run_name)  # type: ignore[misc]
         if ending:
-            failed = route.end_run(run_id, RunStatus.to_string(run_status))
+            failed = route.forget(run_id)
             if failed or late:
                 error = DeliveryError(failed, unsent=late.unsent if late else 0)
                 if run_status != RunStatus.FINISHED:

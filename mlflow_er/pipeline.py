@@ -345,7 +345,8 @@ class Pipeline:
         if problem is not None or failed:
             message = str(problem) if problem and not failed else None
             if path and message:
-                message += f"; kept in {path} (replay: mlflow-er sync {path} --tracking-uri {self._shown_uri() or 'URI'})"
+                uri = self._shown_uri() or 'URI'
+                message += f"; kept in {path} (replay: mlflow-er sync {path} --tracking-uri {uri})"
             error = DeliveryError([*(problem.failed if problem else []), *failed],
                                   unsent=problem.unsent if problem else 0, message=message)
             error.kept_in = path
