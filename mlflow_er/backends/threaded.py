@@ -342,9 +342,13 @@ class ThreadedBackend(Backend):
                 self.flush(timeout)
             except DeliveryError as exc:
                 problem = exc
-        except BaseException:  # Ctrl-C / SIGTERM during the final flush
+        except BaseException:  # Ctrl-C / SIGTERM during the final flush: keep what is unsent, then unwind
+            self.pipeline.keep_unsent()  # stops retries and the writer's wait for a slow lane at once
             self._stop_writer(0.5)
-            self.pipeline.close(0, extra=self._take_left())
+            try:
+                self.pipeline.close(0, extra=self._take_left())
+            except DeliveryError as exc:
+                log.error("mlflow-er: interrupted while delivering: %s", exc)
             raise
         self._stop_writer(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic())))
         left = 0.0 if problem is not None else (None if deadline is None else max(0.0, deadline - time.monotonic()))
