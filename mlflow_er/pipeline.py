@@ -90,6 +90,7 @@ class Pipeline:
         self.lost = 0  # records that could not even be kept on disk (counted, and logged as an error)
         self.late_failures = 0  # failures after giving up: already counted in `kept`
         self._closed = False
+        self._kept_end = 0  # chunks below this were already put on disk by keep_unsent
 
     @property
     def sinks(self) -> list[Sink]:
@@ -266,9 +267,11 @@ class Pipeline:
         """
         self._stop.set()
         with self._cond:
-            low = min((lane.pos for lane in self._followers), default=self._end)
+            # Each chunk is kept once, however often this is called (an interrupt, then the close).
+            low = max(self._kept_end, min((lane.pos for lane in self._followers), default=self._end))
             backlog = [it for chunk in list(self._chunks)[max(0, low - self._base):] for it in chunk]
-            behind = self._behind()
+            behind = sum(1 for it in backlog if type(it) not in _LIFECYCLE)
+            self._kept_end = self._end
             self._cond.notify_all()
         durable = [lane for lane in self.lanes if lane.durable]
         items = list(extra) if durable else [*backlog, *extra]

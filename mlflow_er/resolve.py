@@ -80,7 +80,14 @@ def mlflow_er_resolve_experiment(client: MlflowClient | None, experiment_name: s
         if experiment_name is None:
             raise MlflowErError("an experiment_name is needed to create a new experiment")
         log.info("creating experiment %r at %s", experiment_name, where)
-        new_id = client.create_experiment(str(experiment_name), artifact_location=artifact_location, tags=tags)
+        try:
+            new_id = client.create_experiment(str(experiment_name), artifact_location=artifact_location, tags=tags)
+        except MlflowException as exc:
+            # Parallel jobs of one sweep race to create the experiment: the loser uses the winner's.
+            exp = client.get_experiment_by_name(str(experiment_name))
+            if exp is None or exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return exp
         exp = client.get_experiment(new_id)
     return exp
 
