@@ -28,7 +28,7 @@ export DO_NOT_TRACK := true
 help:
 	@echo "make demo   - run examples/train_loop.py with --backend sync, then --backend threaded"
 	@echo "make test   - run the test suite (extra pytest args: make test PYTEST_ARGS='-k cli -x')"
-	@echo "make lint   - ruff check"
+	@echo "make lint   - ruff check + mypy"
 	@echo "make bench  - mlflow-er bench"
 	@echo "make clean  - remove caches, build output and the demo's .demo/ store"
 	@echo "make distclean - clean, and remove .venv too"
@@ -56,6 +56,7 @@ test: $(STAMP_DEV)
 
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy mlflow_er
 
 bench: $(STAMP_DEV)
 	$(VENV)/bin/mlflow-er bench </dev/null

@@ -120,7 +120,7 @@ def mlflow_er_sink_needs_server(name: str) -> bool | None:
 
 
 @hookspec
-def mlflow_er_backend_names() -> list[str]:
+def mlflow_er_backend_names() -> list[str]:  # type: ignore[empty-body]  # a spec: never called
     """List the backend names this plugin can build.
 
     Called when names are listed (``mlflow-er plugins``, an unknown-name error). Returns
@@ -129,7 +129,7 @@ def mlflow_er_backend_names() -> list[str]:
 
 
 @hookspec
-def mlflow_er_sink_names() -> list[str]:
+def mlflow_er_sink_names() -> list[str]:  # type: ignore[empty-body]  # a spec: never called
     """List the sink names this plugin can build.
 
     Called when names are listed (``mlflow-er plugins``, an unknown-name error). Returns

@@ -64,7 +64,7 @@ class _ThreadJob:
         stack = _thread_run_stack() if active is not None else None
         pushed = stack is not None and not stack
         if pushed:
-            stack.append(active)
+            stack.append(active)  # type: ignore[union-attr]  # pushed implies a stack
         try:
             fn(*args, **kwargs)
         except BaseException as exc:  # reported at join time, never lost

@@ -71,13 +71,13 @@ class Lane:
                     if inline_artifacts:
                         self._upload(item)  # type: ignore[arg-type]
                     else:
-                        self._art_worker().put(item)
+                        self._art_worker().put(item)  # type: ignore[arg-type]
                 # else: a metrics-only sink is not charged a failure per artifact (and holds no reference)
             elif t is RunStart:
                 self._start(item)  # type: ignore[arg-type]
             elif t is RunEnd:
                 if self._art is not None and not inline_artifacts:
-                    self._art.put(item)  # after the artifacts logged before it
+                    self._art.put(item)  # type: ignore[arg-type]  # after the artifacts logged before it
                 else:
                     self._end(item)  # type: ignore[arg-type]
         self._send(pending)

@@ -245,11 +245,11 @@ class RoutedWrites:
                 known = route.params.get(run_id, {})
                 for p in params:
                     key = check_key(p.key, "param key")
-                    value = check_param_value(key, _fit("Param", key, str(p.value), MAX_PARAM_VALUE_LENGTH))
+                    pval = check_param_value(key, _fit("Param", key, str(p.value), MAX_PARAM_VALUE_LENGTH))
                     prev = staged.get(key, known.get(key))
-                    check_param_unchanged(key, prev, value)
+                    check_param_unchanged(key, prev, pval)
                     if prev is None:
-                        staged[key] = value
+                        staged[key] = pval
             tag_recs = [(check_key(t.key, "tag key"),
                          check_tag_value(t.key, _fit("Tag", t.key, str(t.value), MAX_TAG_VALUE_LENGTH)))
                         for t in tags]

@@ -124,7 +124,8 @@ def list_plugins() -> list[PluginInfo]:
     out: list[PluginInfo] = []
     for kind, hook in (("backend", pm.hook.mlflow_er_backend_names), ("sink", pm.hook.mlflow_er_sink_names)):
         for impl in hook.get_hookimpls():
-            for name in impl.function() or ():
+            names: list[str] = impl.function() or []  # type: ignore[assignment]
+            for name in names:
                 out.append(PluginInfo(kind, name, _dists.get(impl.plugin_name, "(registered at runtime)"),
                                       impl.plugin_name))
     return sorted(out, key=lambda p: (p.kind, p.name))

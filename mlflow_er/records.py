@@ -152,12 +152,12 @@ class Batch:
         for r in records:
             t = type(r)
             if t is Metric:
-                batch.metrics.append(r)
+                batch.metrics.append(r)  # type: ignore[arg-type]  # `type() is` does not narrow
             elif t is Param:
-                params.setdefault(r.key, r)
+                params.setdefault(r.key, r)  # type: ignore[arg-type]
             else:
                 tags.pop(r.key, None)  # re-insert so dict order follows the last write
-                tags[r.key] = r
+                tags[r.key] = r  # type: ignore[assignment]
         batch.params = list(params.values())
         batch.tags = list(tags.values())
         return batch

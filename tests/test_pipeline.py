@@ -202,7 +202,7 @@ def test_sigterm_at_random_points_of_the_final_flush(mlflow_server: MlflowServer
                 proc = _child(SLOW_CHILD.format(uri=slow.uri, name=f"r{round_}-{k}"),
                               env={"MLFLOW_ER_STAGING_DIR": str(staging)})
                 children.append((proc, staging))
-            for proc, staging in children:
+            for proc, _ in children:
                 lines = _read_until(proc, "LEAVING", 60)
                 time.sleep(rng.uniform(0.0, 1.6))  # somewhere in the final flush (3 slow requests)
                 proc.send_signal(signal.SIGTERM)

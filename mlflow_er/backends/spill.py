@@ -36,7 +36,7 @@ class Spill:
         self._writer = SpoolWriter(self.path, role="spill", fsync_interval=None, segment_age=None,
                                    segment_bytes=8 * 1024 * 1024)
         self._reader = SpoolReader(self.path, warn=True)
-        self._pos = None
+        self._pos: Any = None
         self.appended = 0
         self.read = 0
 
