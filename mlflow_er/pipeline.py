@@ -67,6 +67,9 @@ class Pipeline:
         self._rebuild = list(rebuild) if rebuild is not None else [None] * len(sinks)
         self._keep_name = f"unsent-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         self._sinks = list(sinks)
+        #: ``(name, SinkContext)`` of each sink built by name (``None`` for instances), so another
+        #: process (the ``process`` backend's delivery process) can build the same pipeline.
+        self.specs: list[tuple[str, Any] | None] = [None] * len(sinks)
         self._init_state()
 
     def _init_state(self) -> None:
@@ -451,14 +454,28 @@ def build(specs: Sequence[str | Sink], context: Callable[[str], Any], *, policy:
 
     sinks: list[Sink] = []
     rebuild: list[Callable[[], Sink] | None] = []
-    for spec in specs:
-        if isinstance(spec, str):
-            def make(name: str = spec) -> Sink:
-                return plugins.make_sink(name, context(name))
+    named: list[tuple[str, Any] | None] = []
+    try:
+        for spec in specs:
+            if isinstance(spec, str):
+                def make(name: str = spec) -> Sink:
+                    return plugins.make_sink(name, context(name))
 
-            sinks.append(make())
-            rebuild.append(make)
-        else:
-            sinks.append(spec)
-            rebuild.append(None)
-    return Pipeline(sinks, policy=policy, rebuild=rebuild, tracking_uri=tracking_uri, **options)
+                sinks.append(make())
+                rebuild.append(make)
+                named.append((spec, context(spec)))
+            else:
+                sinks.append(spec)
+                rebuild.append(None)
+                named.append(None)
+    except BaseException:
+        for sink, r in zip(sinks, rebuild, strict=False):  # a later sink failed: release the earlier ones
+            if r is not None:
+                try:
+                    sink.close()
+                except Exception:
+                    pass
+        raise
+    pipeline = Pipeline(sinks, policy=policy, rebuild=rebuild, tracking_uri=tracking_uri, **options)
+    pipeline.specs = named
+    return pipeline

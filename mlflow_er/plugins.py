@@ -31,6 +31,7 @@ OWN_DISTRIBUTION = "mlflow-er"
 BUILTIN_PLUGINS: tuple[tuple[str, str, str], ...] = (
     ("backend", "sync", "mlflow_er.backends.sync"),
     ("backend", "threaded", "mlflow_er.backends.threaded"),
+    ("backend", "process", "mlflow_er.backends.process"),
     ("sink", "mlflow", "mlflow_er.sinks.mlflow"),
     ("sink", "spool", "mlflow_er.sinks.spool"),
 )

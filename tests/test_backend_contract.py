@@ -8,17 +8,19 @@ them around its records, and stats() has the counters users read.
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mlflow_er import Backend, DeliveryError, ExperimentTracker, Sink
-from mlflow_er.plugins import available_names, make_backend
-from mlflow_er.testing import MemorySink
+from mlflow_er.plugins import available_names, make_backend, reset_plugin_manager
+from mlflow_er.testing import MemorySink, write_fake_distribution
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -47,33 +49,88 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return FACTORIES[request.param]()
 
 
-class LifecycleSink(MemorySink):
-    """A memory sink that also records run starts and ends, in stream order with the batches."""
+# A sink selected by name, so a backend that delivers from another process (``process``) builds it
+# there too. It appends what it gets to a JSON-lines file the test reads; options script failures.
+RECORDING = '''
+import json, os, shutil
+from mlflow_er import Sink, SinkError, hookimpl
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[tuple[str, str]] = []
+class Recording(Sink):
+    name = "recording"
 
-    def start_run(self, run_id: str, **_: Any) -> None:
-        self.events.append(("start", run_id))
+    def __init__(self, path, fail_key=None, transient=0):
+        self.path, self.fail_key, self.transient = path, fail_key, int(transient)
 
-    def write_batch(self, batch: Any) -> None:
-        super().write_batch(batch)
-        self.events.append(("batch", batch.run_id))
+    def _write(self, obj):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(obj) + "\\n")
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.events.append((f"end:{status}", run_id))
+    def write_batch(self, batch):
+        if self.transient > 0:
+            self.transient -= 1
+            raise SinkError("scripted", transient=True)
+        if self.fail_key and any(getattr(r, "key", "") == self.fail_key for r in batch.records()):
+            raise SinkError("scripted permanent failure")
+        for r in batch.records():
+            self._write({"kind": type(r).__name__, **r._asdict()})
+
+    def write_artifact(self, a):
+        name = (a.artifact_path + "/" if a.artifact_path else "") + os.path.basename(a.local_path)
+        with open(a.local_path, "rb") as f:
+            self._write({"kind": "Artifact", "name": name, "content": f.read().decode()})
+
+    def start_run(self, run_id, **_):
+        self._write({"kind": "start", "run_id": run_id})
+
+    def end_run(self, run_id, status="FINISHED"):
+        self._write({"kind": "end:" + status, "run_id": run_id})
+
+@hookimpl
+def mlflow_er_sink_names():
+    return ["recording"]
+
+@hookimpl
+def mlflow_er_make_sink(name, context):
+    return Recording(**context.options) if name == "recording" else None
+'''
 
 
-def _tracker(backend: Backend, *sinks: Sink, **kw: Any) -> ExperimentTracker:
-    return ExperimentTracker("contract", backend=backend, sinks=list(sinks), close_timeout=30, **kw)
+class Recorded:
+    """What the recording sink wrote."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def metrics(self, key: str | None = None) -> list[dict[str, Any]]:
+        return [r for r in self.rows() if r["kind"] == "Metric" and (key is None or r["key"] == key)]
+
+
+@pytest.fixture
+def recording(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    site = tmp_path / "site"
+    write_fake_distribution(site, "mlflow-er-recording", "1.0", {"mlflow_er.sinks": {"recording": "recording_sink"}},
+                            {"recording_sink": RECORDING})
+    monkeypatch.syspath_prepend(str(site))
+    reset_plugin_manager()
+    yield tmp_path / "recorded.jsonl"
+    reset_plugin_manager()
+    sys.modules.pop("recording_sink", None)
+
+
+def _tracker(backend: Backend, out: Path, **options: Any) -> ExperimentTracker:
+    return ExperimentTracker("contract", backend=backend, sinks=["recording"], close_timeout=60,
+                             sink_options={"recording": {"path": str(out), **options}})
 
 
 def test_everything_logged_arrives_once_in_order_with_start_and_end_around_it(
-        backend: Backend, tracking_uri: str, tmp_path: Path) -> None:
-    sink = LifecycleSink()
-    (tmp_path / "w.bin").write_bytes(b"weights")
-    tracker = _tracker(backend, sink)
+        backend: Backend, recording: Path, tracking_uri: str, tmp_path: Path) -> None:
+    (tmp_path / "w.bin").write_text("weights")
+    tracker = _tracker(backend, recording)
     with tracker.run(run_name="r") as run:
         for i in range(250):
             run.log_metric("m", float(i), step=i)
@@ -82,19 +139,20 @@ def test_everything_logged_arrives_once_in_order_with_start_and_end_around_it(
             run.set_tag("phase", f"p{i}")
         run.log_artifact(tmp_path / "w.bin", artifact_path="ckpt")
         run.log_dict({"a": 1}, "cfg/config.json")
-    assert [m.step for m in sink.metrics] == list(range(250))
-    assert sink.param_dict() == {"lr": "0.1", "bs": "32"}
-    assert sink.tag_dict()["phase"] == "p4"
-    assert sorted(sink.files()) == ["cfg/config.json", "ckpt/w.bin"]
-    assert sink.files()["ckpt/w.bin"] == b"weights"
-    assert sink.events[0] == ("start", run.run_id) and sink.events[-1] == ("end:FINISHED", run.run_id)
-    assert all(kind == "batch" for kind, _ in sink.events[1:-1])
+    got = Recorded(recording)
+    assert [m["step"] for m in got.metrics("m")] == list(range(250))
+    rows = got.rows()
+    assert {r["key"]: r["value"] for r in rows if r["kind"] == "Param"} == {"lr": "0.1", "bs": "32"}
+    assert [r["value"] for r in rows if r["kind"] == "Tag"][-1] == "p4"
+    files = {r["name"]: r["content"] for r in rows if r["kind"] == "Artifact"}
+    assert files == {"ckpt/w.bin": "weights", "cfg/config.json": json.dumps({"a": 1}, indent=2)}
+    assert rows[0] == {"kind": "start", "run_id": run.run_id}
+    assert rows[-1] == {"kind": "end:FINISHED", "run_id": run.run_id}
 
 
-def test_a_permanent_failure_is_named_at_flush_and_the_rest_delivered(backend: Backend, tracking_uri: str) -> None:
-    sink = MemorySink().fail_when(lambda b: any(getattr(r, "key", "") == "poison" for r in b.records()),
-                                  transient=False)
-    tracker = _tracker(backend, sink)
+def test_a_permanent_failure_is_named_at_flush_and_the_rest_delivered(
+        backend: Backend, recording: Path, tracking_uri: str) -> None:
+    tracker = _tracker(backend, recording, fail_key="poison")
     errors: list[DeliveryError] = []
 
     def call(fn: Callable[..., None], *args: Any, **kw: Any) -> None:
@@ -109,28 +167,27 @@ def test_a_permanent_failure_is_named_at_flush_and_the_rest_delivered(backend: B
         call(run.log_metric, "poison", 1.0)
         for i in range(40, 80):
             call(run.log_metric, "m", float(i), step=i)
-        call(run.flush, timeout=30)
+        call(run.flush, timeout=60)
     assert [f.key for e in errors for f in e.failed] == ["poison"]
-    assert sorted(m.step for m in sink.metrics if m.key == "m") == list(range(80))
+    assert sorted(m["step"] for m in Recorded(recording).metrics("m")) == list(range(80))
 
 
-def test_transient_failures_are_retried_and_delivered_once(backend: Backend, tracking_uri: str) -> None:
-    sink = MemorySink().fail_next(3, transient=True)
-    tracker = _tracker(backend, sink)
+def test_transient_failures_are_retried_and_delivered_once(backend: Backend, recording: Path,
+                                                           tracking_uri: str) -> None:
+    tracker = _tracker(backend, recording, transient=3)
     with tracker.run(run_name="r") as run:
         for i in range(30):
             run.log_metric("m", float(i), step=i)
         run.flush(timeout=60)
         stats = run.stats()
-    assert [m.step for m in sink.metrics] == list(range(30))
+    assert [m["step"] for m in Recorded(recording).metrics("m")] == list(range(30))
     assert stats["retries"] >= 3 and stats["failed"] == 0
     for key in ("queued", "delivered", "failed", "retries", "dropped"):
         assert key in stats, f"stats() lacks {key!r}"
 
 
-def test_many_threads_exact_counts_in_order_per_thread(backend: Backend, tracking_uri: str) -> None:
-    sink = MemorySink()
-    tracker = _tracker(backend, sink)
+def test_many_threads_exact_counts_in_order_per_thread(backend: Backend, recording: Path, tracking_uri: str) -> None:
+    tracker = _tracker(backend, recording)
     with tracker.run(run_name="r") as run:
         def work(t: int) -> None:
             for i in range(200):
@@ -141,12 +198,20 @@ def test_many_threads_exact_counts_in_order_per_thread(backend: Backend, trackin
             th.start()
         for th in threads:
             th.join(60)
+    got = Recorded(recording)
     for t in range(16):
-        assert [s for s, _ in sink.metric_history(f"t{t}")] == list(range(200))
+        assert [m["step"] for m in got.metrics(f"t{t}")] == list(range(200))
 
 
-def test_a_metrics_only_sink_is_not_charged_for_artifacts(backend: Backend, tracking_uri: str,
-                                                          tmp_path: Path) -> None:
+# Sink *instances* live in this process: a backend that delivers from another one takes names only
+# (its metrics-only case, by name, is in test_pipeline.py).
+IN_PROCESS = sorted(n for n in FACTORIES if n != "process")
+
+
+@pytest.mark.parametrize("name", IN_PROCESS)
+def test_a_metrics_only_sink_is_not_charged_for_artifacts(name: str, tracking_uri: str, tmp_path: Path) -> None:
+    backend = FACTORIES[name]()
+
     class MetricsOnly(Sink):
         name = "metrics-only"
 
@@ -158,7 +223,7 @@ def test_a_metrics_only_sink_is_not_charged_for_artifacts(backend: Backend, trac
 
     mem, only = MemorySink(), MetricsOnly()
     (tmp_path / "a.txt").write_text("x")
-    tracker = _tracker(backend, only, mem)
+    tracker = ExperimentTracker("contract", backend=backend, sinks=[only, mem], close_timeout=30)
     with tracker.run(run_name="r") as run:
         run.log_metric("loss", 1.0)
         run.log_artifact(tmp_path / "a.txt")
