@@ -88,14 +88,22 @@ class Kernel:
         assert not errors(cell), f"cell {index} raised {errors(cell)}:\n{cell.source}"
         return stdout(cell)
 
+    async def execute(self, source: str) -> Any:
+        """Execute code that is not in the notebook (a cell appended to the in-memory copy)."""
+        self.nb.cells.append(new_code_cell(source))
+        return await self.run(len(self.nb.cells) - 1)
+
     async def probe(self) -> dict[str, Any]:
         cell = await self.run(self._probe_index)
         assert not errors(cell), errors(cell)
         line = next(ln for ln in stdout(cell).splitlines() if ln.startswith("PROBE "))
         return dict(json.loads(line[len("PROBE "):]))
 
-    async def interrupt_when(self, index: int, text: str, after: float = 0.5, timeout: float = 30.0) -> Any:
-        """Execute cell ``index``; once its stdout shows ``text``, wait ``after`` s and interrupt the kernel."""
+    async def interrupt_when(self, index: int | str, text: str, after: float = 0.5, timeout: float = 30.0) -> Any:
+        """Execute cell ``index`` (or this code); once its stdout shows ``text``, wait ``after`` s, interrupt."""
+        if isinstance(index, str):
+            self.nb.cells.append(new_code_cell(index))
+            index = len(self.nb.cells) - 1
         cell = self.nb.cells[index]
         task = asyncio.ensure_future(self.client.async_execute_cell(cell, index))
         loop = asyncio.get_running_loop()
@@ -237,3 +245,64 @@ def test_quickstart_interrupted_cell_loses_nothing(tmp_path: Path) -> None:
     long_run = next(r for r in runs if r.info.run_name == "long-loop")
     steps = sorted(m.step for m in client.get_metric_history(long_run.info.run_id, "loss"))
     assert steps == list(range(kept))  # a prefix of the loop, in order, no gap
+
+
+# Enough records that delivering them into sqlite takes seconds after the block's last line.
+BIG_CELL = """
+with tracker.run(run_name="big") as big:
+    for i in range(90_000):
+        big.log_metric(f"m{i % 50}", float(i), step=i)
+    print("leaving the block", flush=True)
+print("block done")
+"""
+
+AFTER_BIG = """
+import json, threading, time
+import mlflow
+deadline = time.monotonic() + 90
+while tracker.backend.stats()["queued"] and time.monotonic() < deadline:
+    time.sleep(0.2)  # records still queued at the interrupt may go on being delivered
+stored = sum(len(tracker.client.get_metric_history(big.run_id, f"m{k}")) for k in range(50))
+s = tracker.backend.stats()
+print("AFTER " + json.dumps({
+    "status": tracker.client.get_run(big.run_id).info.status,
+    "active_run": mlflow.active_run().info.run_id if mlflow.active_run() else None,
+    "stored": stored, "queued": s["queued"], "dropped": s["dropped_total"], "failed": s["failed"],
+    "threads": [t.name for t in threading.enumerate() if t.name.startswith("mlflow-er") and t.is_alive()],
+}))
+"""
+
+
+@pytest.mark.timeout(240)
+def test_interrupt_during_the_final_flush_still_ends_the_run(tmp_path: Path) -> None:
+    """A second press of "interrupt" while the block's end is still delivering.
+
+    The block's last line has run; SIGINT lands while leaving the block waits for the
+    writer. In a script the process would then exit (and its atexit drain run); in a kernel
+    the process lives on, so whatever that wait leaves behind stays: the run must still be
+    ended (KILLED), MLflow must have no active run, the next run cell must work, and every
+    record must be stored or counted.
+    """
+    nb = load()
+    setup, log_cell = cell_index(nb, "ExperimentTracker("), cell_index(nb, 'run_name="baseline"')
+    seen: dict[str, Any] = {}
+
+    async def scenario(k: Kernel) -> None:
+        await k.run_clean(setup)
+        cell = await k.interrupt_when(BIG_CELL, "leaving the block", after=0.2, timeout=120)
+        assert [e.split(":")[0] for e in errors(cell)] == ["KeyboardInterrupt"], cell.outputs
+        assert "block done" not in stdout(cell), "the final flush ended before the interrupt: log more records"
+        seen["next_cell"] = errors(await k.run(log_cell))
+        cell = await k.execute(AFTER_BIG)
+        assert not errors(cell), errors(cell)
+        out = stdout(cell)
+        seen["after"] = json.loads(next(ln for ln in out.splitlines() if ln.startswith("AFTER "))[len("AFTER "):])
+
+    run_in_kernel(nb, tmp_path, scenario)
+
+    after = seen["after"]
+    assert seen["next_cell"] == [], f"the next run cell failed: {seen['next_cell']}; then: {after}"
+    assert after["active_run"] is None, after
+    assert after["status"] == "KILLED", after
+    assert after["threads"] == [], after
+    assert after["stored"] + after["queued"] + after["dropped"] + after["failed"] == 90_000, after
