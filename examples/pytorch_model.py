@@ -161,8 +161,9 @@ def round_trip(tracking_uri: str, epochs: int, run_name: str) -> int:
             info = mlflow.pytorch.log_model(model, name="model", input_example=x[:2].numpy(),
                                             pip_requirements=[f"torch=={torch.__version__}"])
             print(f"logged {epochs} epochs of train_loss, a checkpoint and the model {info.model_uri}")
-        print(f"run ended: {run.info.status}; stats: delivered={run.stats()['delivered']} "
-              f"failed={run.stats()['failed']} dropped={run.stats()['dropped_total']}")
+        stats = run.stats()
+        print(f"run ended: {run.info.status}; stats: delivered={stats['delivered']} "
+              f"failed={stats['failed']} dropped={stats['dropped_total']}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -181,7 +182,6 @@ def round_trip(tracking_uri: str, epochs: int, run_name: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the output readable
     run_name = args.run_name or f"pytorch-{uuid.uuid4().hex[:8]}"
     if args.tracking_uri:
