@@ -83,7 +83,7 @@ def local_server(timeout: float, workdir: Path | None = None) -> Iterator[str]:
     folder is used and removed afterwards; the server is stopped on the way out.
     """
     keep = workdir is not None
-    workdir = Path(workdir) if keep else Path(tempfile.mkdtemp(prefix="mlflow-er-pytorch-example-"))
+    workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="mlflow-er-pytorch-example-"))
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     uri = f"http://{HOST}:{port}"

@@ -71,9 +71,9 @@ def snapshot(db: Path, tmp: Path, wall_clock: frozenset[str] = frozenset()) -> d
                 metrics[key] = [p for i, p in enumerate(points) if i == 0 or p != points[i - 1]]
             models = client.search_logged_models(experiment_ids=[exp.experiment_id],
                                                  filter_string=f"source_run_id = '{rid}'")
-            key = (exp.name, run.info.run_name)
-            assert key not in runs, f"two runs named {key}"
-            runs[key] = {
+            name = (exp.name, run.info.run_name)
+            assert name not in runs, f"two runs named {name}"
+            runs[name] = {
                 "status": run.info.status,
                 "params": {k: clean(v) for k, v in run.data.params.items()},
                 "tags": {k: clean(v) for k, v in run.data.tags.items()
@@ -201,7 +201,7 @@ def _lightning_train(uri: str, folder: Path) -> None:
             self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
 
         def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+            return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"])
 
     L.seed_everything(0, verbose=False)
     x = torch.randn(64, 4)

@@ -113,6 +113,7 @@ class Kernel:
             assert loop.time() < deadline, f"cell {index} did not print {text!r} within {timeout}s"
             await asyncio.sleep(0.02)
         await asyncio.sleep(after)
+        assert self.client.km is not None
         await ensure_async(self.client.km.interrupt_kernel())
         await asyncio.wait_for(task, timeout)
         return cell
