@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .contenders import Contender, Context, probe
@@ -40,11 +41,47 @@ class Task:
     cwd: str | None = None  # the child's working folder (a sink may write relative paths there)
 
 
+def _template_path() -> Path:
+    import mlflow
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlflow-er"
+    return cache / f"bench-empty-sqlite-mlflow-{mlflow.__version__}.db"
+
+
+def _fresh_sqlite(uri: str) -> None:
+    """Give a new SQLite store its tables from a cached empty one (creating them takes ~6 s).
+
+    The first run creates the tables with MLflow's migrations and keeps a copy (this user's
+    cache folder, 0700/0600, one per MLflow version); later runs copy it.
+    """
+    from mlflow import MlflowClient
+
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):])
+    if db.exists():
+        return
+    template = _template_path()
+    if template.is_file():
+        shutil.copyfile(template, db)
+        return
+    MlflowClient(uri).search_experiments()  # runs the migrations
+    try:
+        template.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = template.with_name(f"{template.name}.{os.getpid()}.tmp")
+        shutil.copyfile(db, tmp)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, template)
+    except OSError:  # no cache folder: every run migrates, slower but correct
+        pass
+
+
 def _setup(task: Task) -> dict[str, Any]:
     """Create (or find) the benchmark's experiment, then probe every backend and sink."""
     from mlflow import MlflowClient
     from mlflow.entities import LifecycleStage
 
+    _fresh_sqlite(task.ctx.uri)
     client = MlflowClient(task.ctx.uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None and exp.lifecycle_stage == LifecycleStage.ACTIVE:
@@ -194,20 +231,29 @@ class Outcome:
     results: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    #: the flaky workload's timeline per contender (one repetition: it is a picture, not a statistic)
+    timelines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def run_plan(plan: Plan, ctx: Context, zygote: Zygote, log_dir: str, progress: Callable[[str], None],
-             keep: bool = False) -> Outcome:
+             keep: bool = False, server: Any = None) -> Outcome:
     """Run every workload × contender, interleaved (A B A B …) over ``plan.repeat`` repetitions.
 
     Each task runs in its own fresh folder (removed afterwards unless ``keep``), so files a
-    sink writes relative to the working directory (a spool, say) never pile up.
+    sink writes relative to the working directory (a spool, say) never pile up. The
+    ``flaky`` workload runs once per contender (first repetition), with a
+    :class:`~mlflow_er.bench.flaky.FlakyDirector` killing and restarting ``server``.
     """
+    from .flaky import FlakyDirector
+
     out = Outcome({w: {c.name: [] for c in plan.contenders[w]} for w in plan.workloads})
     started = time.perf_counter()
     n = 0
     for rep in range(plan.repeat):
         for workload in plan.workloads:
+            if workload == "flaky" and (rep > 0 or server is None):
+                continue
             for c in plan.contenders[workload]:
                 n += 1
                 label = f"{workload}-{c.name.replace('/', '_')}-{rep}"
@@ -215,8 +261,23 @@ def run_plan(plan: Plan, ctx: Context, zygote: Zygote, log_dir: str, progress: C
                 os.makedirs(cwd)
                 task = Task(workload, ctx, plan.sizes, os.path.join(log_dir, label + ".log"), c, cwd=cwd)
                 t0 = time.perf_counter()
+                director = FlakyDirector(server, cwd, plan.sizes) if workload == "flaky" else None
+                if director is not None:
+                    director.start()
                 ok, payload = zygote.run(task, plan.sizes.task_timeout_s)
                 took = time.perf_counter() - t0
+                if director is not None:
+                    parent_half = director.finish()
+                    if ok:
+                        timeline = payload.pop("timeline", {})
+                        timeline.update(parent_half)
+                        timeline.update({k: payload[k] for k in ("logged", "stored", "lost", "duplicates",
+                                                                  "flush_s", "flush_error") if k in payload})
+                        out.timelines[c.name] = timeline
+                if ok:  # texts (a drain that timed out, say) become notes; the figures stay numbers
+                    out.notes.extend(f"{workload}: {c.name}: {k}: {v}" for k, v in payload.items()
+                                     if isinstance(v, str) and v and k != "run_id")
+                    payload = {k: v for k, v in payload.items() if not isinstance(v, (str, dict, list))}
                 if not keep:
                     shutil.rmtree(cwd, ignore_errors=True)
                 if ok:
