@@ -152,18 +152,22 @@ def _plan_contenders(probed: dict[str, Any], workloads: list[str], patterns: str
                                 f"(pass --sink-option {s}.KEY=VALUE): {broken[f'sink:{s}']}"})
                 continue
             base.append(er_contender(b, s))
+    # Background backends right after raw log_batch (their drain is compared with it), one-request-per-call last.
+    base.sort(key=lambda c: (c.kind == "peer", c.kind == "er", c.kind == "er" and c.per_call))
+    everyone = list(base)
     if quick and not patterns:
         left = sorted({c.name for c in base if not _quick_keeps(c)})
         base = [c for c in base if _quick_keeps(c)]
         notes.append(f"quick: left out (the full bench runs them; or name them with --contenders): "
                      f"{', '.join(left)}, */spool[policy]")
-    # Background backends right after raw log_batch (their drain is compared with it), one-request-per-call last.
-    base.sort(key=lambda c: (c.kind == "peer", c.kind == "er", c.kind == "er" and c.per_call))
     chosen = _select(base, patterns)
     plan: dict[str, list[Contender]] = {}
     chosen_names = {c.name for c in chosen}
     pats = [p.strip() for p in (patterns or "").split(",") if p.strip()]
     for w in workloads:
+        if w == "flaky":  # a picture of two families: even --quick keeps both
+            plan[w] = [c for c in _select(everyone, patterns) if applies(w, c)]
+            continue
         if w != "memory":
             plan[w] = [c for c in chosen if applies(w, c)]
             continue

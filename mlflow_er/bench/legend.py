@@ -39,3 +39,25 @@ def legend(names: list[str]) -> dict[str, str]:
             text += f"; on_full='{p}' ({_POLICY_MEANING.get(p, 'a policy')}) with the writer stalled"
         out[name] = text
     return out
+
+
+def legend_lines(names: list[str]) -> list[str]:
+    """The legend as a few text lines: each fixed name, then the ``er-BACKEND/SINK[POLICY]`` pattern once."""
+    full = legend(names)
+    plain = [n for n in names if not n.startswith("er-")]
+    er = [n for n in names if n.startswith("er-") and "/" in n]
+    width = max([len(n) for n in plain] + [len("er-BACKEND/SINK[POLICY]")])
+    lines = [f"  {n.ljust(width)}  {full[n]}" for n in plain if n in full]
+    if er:
+        backends = sorted({n[3:].split("/")[0] for n in er})
+        sinks = sorted({n.split("/")[1].split("[")[0] for n in er})
+        policies = sorted({n.split("[")[1].rstrip("]") for n in er if "[" in n})
+        lines.append(f"  {'er-BACKEND/SINK'.ljust(width)}  mlflow-er: backend BACKEND delivering to sink SINK")
+        lines.append(f"  {''.ljust(width)}    backends: " + "; ".join(
+            f"{b} = {_BACKEND_MEANING.get(b, 'a plugin')}" for b in backends))
+        lines.append(f"  {''.ljust(width)}    sinks: " + "; ".join(
+            f"{s} = {_SINK_MEANING.get(s, 'a plugin')}" for s in sinks))
+        if policies:
+            lines.append(f"  {'er-BACKEND/SINK[POLICY]'.ljust(width)}  memory workload, writer stalled, on_full="
+                         "POLICY: " + "; ".join(f"{p} = {_POLICY_MEANING.get(p, 'a policy')}" for p in policies))
+    return lines

@@ -66,8 +66,12 @@ def window(steps: int, n: int, log: Callable[[int, float], None], start: int = 0
     return clock() - t0, inside
 
 
-def run_loop(s: Any, steps: int, pairs: int, budget_s: float, drain_timeout_s: float) -> dict[str, Any]:
-    """Measure an open session ``s`` (it has ``step_logger``, ``flush``, ``delivered``, ``pending``)."""
+def run_loop(s: Any, steps: int, pairs: int, budget_s: float, drain_timeout_s: float,
+             bare_first: bool = False) -> dict[str, Any]:
+    """Measure an open session ``s`` (it has ``step_logger``, ``flush``, ``delivered``, ``pending``).
+
+    Pair ``p`` runs L then B, or B then L when ``p + bare_first`` is odd.
+    """
     n = calibrate()
     log = s.step_logger(KEYS)
     # Warm-up: first-call imports, key caches, the writer's first batch; then a clean queue.
@@ -86,7 +90,7 @@ def run_loop(s: Any, steps: int, pairs: int, budget_s: float, drain_timeout_s: f
     for p in range(pairs):
         walls: dict[str, int] = {}
         insides: dict[str, int] = {}
-        for kind in (("L", "B") if p % 2 == 0 else ("B", "L")):
+        for kind in (("L", "B") if (p + bare_first) % 2 == 0 else ("B", "L")):
             if kind == "B":
                 walls["B"], insides["B"] = window(steps, n, _nolog, step_no)
                 continue

@@ -87,7 +87,6 @@ def _bars(ax: Any, workload: str, by_contender: dict[str, Any]) -> None:
 def _timeline(ax_lat: Any, ax_rec: Any, timelines: dict[str, Any]) -> None:
     """Caller latency (top) and records in the store (bottom) against time, the outage shaded."""
     styles = ["-", "--", ":", "-."]
-    shaded = False
     for k, (name, tl) in enumerate(timelines.items()):
         colour = FAMILY_COLOURS[family(name)]
         style = styles[k % len(styles)]
@@ -106,14 +105,15 @@ def _timeline(ax_lat: Any, ax_rec: Any, timelines: dict[str, Any]) -> None:
                 ys.append(total)
             ax_rec.plot(xs, ys, style, color=_lighter(colour, 0.4), lw=0.8, label=f"{name}: logged")
         ev = tl.get("events", {})
-        if not shaded and "killed_s" in ev:
+        if "killed_s" in ev:  # each contender's own outage (a restart's length varies)
             end = ev.get("healthy_s", ev["killed_s"])
             for ax in (ax_lat, ax_rec):
-                ax.axvspan(ev["killed_s"], end, color="#c0392b", alpha=0.12, lw=0)
-            ax_lat.annotate("server SIGKILLed … restarted and healthy", (ev["killed_s"], 1), xycoords=("data",
-                            "axes fraction"), xytext=(3, -10), textcoords="offset points", fontsize=7,
-                            color="#c0392b")
-            shaded = True
+                ax.axvspan(ev["killed_s"], end, color=colour, alpha=0.08, lw=0)
+                ax.axvline(ev["killed_s"], color=colour, lw=0.8, ls=style)
+                ax.axvline(end, color=colour, lw=0.8, ls=style)
+            ax_lat.annotate(f"server down ({name}): SIGKILL … healthy", (ev["killed_s"], 1 - 0.09 * (k + 1)),
+                            xycoords=("data", "axes fraction"), xytext=(3, 0), textcoords="offset points",
+                            fontsize=7, color=colour)
     ax_lat.set_yscale("log")
     ax_lat.set_ylabel("µs per call (log)", fontsize=8)
     ax_lat.set_title("flaky server timeline: caller latency while the server is killed and restarted — lower is "
@@ -147,6 +147,7 @@ def plot(doc: dict[str, Any], path: str) -> tuple[Any, list[str]]:
     for ax, workload in zip(axes[:, 0], panels, strict=False):
         _bars(ax, workload, summary[workload])
     if timelines:
+        axes[-2, 0].sharex(axes[-1, 0])  # one time axis for both halves of the timeline
         _timeline(axes[-2, 0], axes[-1, 0], timelines)
     handles = [Patch(color=c, label=f) for f, c in FAMILY_COLOURS.items()]
     fig.legend(handles=handles, loc="upper right", fontsize=8, ncol=3, frameon=False)

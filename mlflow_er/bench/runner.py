@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +259,8 @@ def run_plan(plan: Plan, ctx: Context, zygote: Zygote, log_dir: str, progress: C
                 label = f"{workload}-{c.name.replace('/', '_')}-{rep}"
                 cwd = os.path.join(ctx.workdir, "tasks", f"{n:03d}-{label}")
                 os.makedirs(cwd)
-                task = Task(workload, ctx, plan.sizes, os.path.join(log_dir, label + ".log"), c, cwd=cwd)
+                sizes = replace(plan.sizes, loop_bare_first=bool(rep % 2)) if workload == "loop" else plan.sizes
+                task = Task(workload, ctx, sizes, os.path.join(log_dir, label + ".log"), c, cwd=cwd)
                 t0 = time.perf_counter()
                 director = FlakyDirector(server, cwd, plan.sizes) if workload == "flaky" else None
                 if director is not None:
@@ -271,8 +272,9 @@ def run_plan(plan: Plan, ctx: Context, zygote: Zygote, log_dir: str, progress: C
                     if ok:
                         timeline = payload.pop("timeline", {})
                         timeline.update(parent_half)
-                        timeline.update({k: payload[k] for k in ("logged", "stored", "lost", "duplicates",
-                                                                  "flush_s", "flush_error") if k in payload})
+                        timeline.update({k: payload[k] for k in ("logged", "lost", "duplicates", "flush_s",
+                                                                  "flush_error") if k in payload})
+                        timeline["stored_count"] = payload.get("stored")  # "stored" holds the polls
                         out.timelines[c.name] = timeline
                 if ok:  # texts (a drain that timed out, say) become notes; the figures stay numbers
                     out.notes.extend(f"{workload}: {c.name}: {k}: {v}" for k, v in payload.items()

@@ -46,14 +46,15 @@ class Sizes:
     memory_mlflow_calls: int = 30_000  # MLflow async costs ~100 µs per call; growth is also given per call
     memory_max_queue: int | None = None  # None: the backend's default bounds
     block_timeout_s: float = 1.0
-    loop_steps: int = 7_500  # per window: 1.5 s of ~200 µs steps, 37,500 metrics
-    loop_pairs: int = 2  # logged/bare window pairs per child (L B, then B L)
+    loop_steps: int = 6_000  # per window: 1.2 s of ~200 µs steps, 30,000 metrics
+    loop_pairs: int = 1  # logged/bare window pairs per child (L B, then B L, ...)
+    loop_bare_first: bool = False  # set on odd repetitions, so the order alternates across children too
     loop_budget_s: float = 2.5  # a slow contender's logged window stops near this (fewer steps)
     loop_drain_timeout_s: float = 60.0
-    flaky_seconds: float = 24.0  # logging at a steady rate while the server is killed and restarted
+    flaky_seconds: float = 20.0  # logging at a steady rate while the server is killed and restarted
     flaky_kill_at_s: float = 4.0
     flaky_down_s: float = 3.0  # how long the server stays dead before the restart begins
-    flaky_flush_timeout_s: float = 60.0
+    flaky_flush_timeout_s: float = 40.0
     task_timeout_s: float = 600.0
 
 
@@ -264,7 +265,8 @@ def loop(c: Contender, ctx: Context, sizes: Sizes) -> dict[str, Any]:
 
     cm = open_session(c, ctx)
     s = cm.__enter__()
-    out = run_loop(s, sizes.loop_steps, sizes.loop_pairs, sizes.loop_budget_s, sizes.loop_drain_timeout_s)
+    out = run_loop(s, sizes.loop_steps, sizes.loop_pairs, sizes.loop_budget_s, sizes.loop_drain_timeout_s,
+                   sizes.loop_bare_first)
     if "drain_error" in out:  # a writer that cannot drain would hold the run's end too
         _ABANDONED.append(cm)
         return out
