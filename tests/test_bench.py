@@ -126,7 +126,7 @@ def _fake_doc(quick: bool) -> dict[str, Any]:
                         "wandb-offline": {"lost_us_per_metric": {"median": 80.0, "min": 72.0, "max": 83.0, "n": 3}},
                         MLFLOW_ASYNC_BUF: {"lost_us_per_metric": stats}},
                "flaky": {"er-threaded/mlflow": {"logged": {"median": 900, "min": 900, "max": 900, "n": 1},
-                                                "lost": {"median": 0, "min": 0, "max": 0, "n": 1}}}}
+                                                "missing": {"median": 0, "min": 0, "max": 0, "n": 1}}}}
     caller = [{"t": i * 0.25, "calls": 100, "p50_us": 1.0, "max_us": 5.0 + i} for i in range(12)]
     stored = [{"t": i * 0.25, "stored_upto": None if 4 <= i < 8 else i * 100} for i in range(14)]
     timeline = {"caller": caller, "stored": stored, "logged": 1200, "stored_count": 1200, "flush_s": 0.3,
@@ -176,7 +176,7 @@ def test_a_new_backend_is_a_contender_everywhere_without_bench_changes() -> None
     assert got["loop: er-process/mlflow µs lost per metric"]["met"] is True
     assert got["loop: er-process/mlflow lost / er-threaded/mlflow lost"]["met"] is False  # 1/6 > 1/7
     assert got["loop: er-process/mlflow lost / wandb-offline lost"]["met"] is True
-    assert got["flaky: er-threaded/mlflow records lost across the restart"]["met"] is True
+    assert got["flaky: er-threaded/mlflow records missing after the restart"]["met"] is True
     text = text_report({**doc, "ratios": rat, "targets": list(got.values())})
     assert "1/6" in text and "<= 1/7" in text and "MISSED" in text
 

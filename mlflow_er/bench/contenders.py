@@ -347,8 +347,8 @@ def open_session(c: Contender, ctx: Context, backend_options: dict[str, Any] | N
         tracker = ExperimentTracker(experiment_id=ctx.experiment_id, tracking_uri=ctx.uri, backend=backend,
                                     sinks=[c.sink], sink_options={c.sink: ctx.sink_options.get(c.sink, {})},
                                     close_timeout=ctx.close_timeout)
-        with tracker.run(run_name=name) as run:
-            yield ErSession(run, tracker)
+        with tracker.run(run_name=name) as er_run:
+            yield ErSession(er_run, tracker)
     else:
         raise ValueError(f"unknown contender kind {c.kind!r}")
 

@@ -1,7 +1,8 @@
 """The ``flaky`` workload: a timeline while the tracking server is SIGKILLed and restarted.
 
 The child (:func:`run_flaky`) logs one metric every ~2 ms (value = step = its sequence
-number) for ``flaky_seconds``, timing every call, then flushes with a bound and counts
+number) for ``flaky_seconds`` and at least ``flaky_after_s`` past the server's recovery
+(at most ``flaky_max_seconds``), timing every call, then flushes with a bound and counts
 what reached the store. The parent (:class:`FlakyDirector`, a thread beside the task)
 waits for the child's start file, SIGKILLs the server's process group at
 ``flaky_kill_at_s``, restarts it on the same port ``flaky_down_s`` later, and polls the
@@ -25,6 +26,7 @@ from typing import Any
 from .contenders import Contender, Context, open_session
 
 START_FILE = "flaky-start.json"
+HEALTHY_FILE = "flaky-healthy.json"  # written by the director once the restarted server answers
 KEY = "flaky"
 INTERVAL_S = 0.002
 BUCKET_S = 0.25
@@ -40,17 +42,21 @@ def run_flaky(c: Contender, ctx: Context, sizes: Any) -> dict[str, Any]:
     s.flush(30.0)
     metric = s.metric
     clock = time.perf_counter_ns
-    n_max = int(sizes.flaky_seconds / INTERVAL_S) + 1000
+    n_max = int(sizes.flaky_max_seconds / INTERVAL_S) + 1000
     lat = array("q", bytes(8 * n_max))
     at = array("q", bytes(8 * n_max))
     Path(START_FILE).write_text(json.dumps({"run_id": s.run_id, "t0": time.time()}))
     t0 = clock()
+    t0_wall = time.time()
     end = t0 + int(sizes.flaky_seconds * 1e9)
+    hard_end = t0 + int(sizes.flaky_max_seconds * 1e9)
     n = 0
     while n < n_max:
         c0 = clock()
-        if c0 >= end:
-            break
+        if c0 >= end:  # go on until the restarted server has been up flaky_after_s (a slow restart too)
+            end = _logging_end(t0, t0_wall, c0, sizes.flaky_after_s)
+            if c0 >= end or c0 >= hard_end:
+                break
         metric(KEY, float(n), n)
         c1 = clock()
         lat[n], at[n] = c1 - c0, c0 - t0
@@ -69,11 +75,20 @@ def run_flaky(c: Contender, ctx: Context, sizes: Any) -> dict[str, Any]:
         _ABANDONED.append(cm)  # ending the run would wait for the same stuck writer
     else:
         cm.__exit__(None, None, None)
-    return {"logged": n, "stored": stored, "duplicates": duplicates, "lost": max(0, n - stored),
+    return {"logged": n, "stored": stored, "duplicates": duplicates, "missing": max(0, n - stored),
             "flush_s": flush_s, "flush_ok": int(not flush_error), "logged_s": logged_s,
             "max_call_us": max(lat[:n]) / 1000.0 if n else 0.0,
             "flush_error": flush_error, "run_id": s.run_id,
             "timeline": {"caller": _buckets(lat[:n], at[:n])}}
+
+
+def _logging_end(t0: int, t0_wall: float, now: int, after_s: float) -> int:
+    """When logging may stop (perf_counter ns): ``after_s`` past the server's recovery, once it is known."""
+    try:
+        healthy_wall = float(json.loads(Path(HEALTHY_FILE).read_text())["healthy"])
+    except (OSError, ValueError, KeyError):
+        return now + 100_000_000  # not back yet: look again in 0.1 s
+    return t0 + int((healthy_wall - t0_wall + after_s) * 1e9)
 
 
 def _buckets(lat: Any, at: Any) -> list[dict[str, Any]]:
@@ -114,6 +129,7 @@ class FlakyDirector(threading.Thread):
         super().__init__(daemon=True, name="bench-flaky-director")
         self.server = server
         self.start_file = Path(task_dir) / START_FILE
+        self.healthy_file = Path(task_dir) / HEALTHY_FILE
         self.sizes = sizes
         self.stop_event = threading.Event()
         self.events: dict[str, float] = {}
@@ -125,6 +141,14 @@ class FlakyDirector(threading.Thread):
             self._direct()
         except Exception as exc:  # reported with the result; the bench goes on
             self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._tell_healthy()  # the child stops logging after_s later (or now, if the restart failed)
+
+    def _tell_healthy(self) -> None:
+        if not self.healthy_file.exists():
+            tmp = self.healthy_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"healthy": time.time()}))
+            tmp.replace(self.healthy_file)
 
     def _direct(self) -> None:
         deadline = time.monotonic() + 120.0
@@ -144,6 +168,7 @@ class FlakyDirector(threading.Thread):
                 self.events["restart_s"] = time.time() - t0
                 self.server.start()  # same port; returns once /health answers
                 self.events["healthy_s"] = time.time() - t0
+                self._tell_healthy()
                 continue
             self.polls.append({"t": round(now, 3), "stored_upto": self._highest_step(run_id)})
             self.stop_event.wait(BUCKET_S)

@@ -120,7 +120,7 @@ def open_peer(name: str, workdir: str) -> Iterator[PeerSession]:
             run.finish()
             wandb.teardown()  # stop its service process before the child exits
     elif name == TENSORBOARDX:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # type: ignore[import-untyped]
 
         writer = SummaryWriter(str(folder))
         try:

@@ -159,7 +159,7 @@ class Zygote:
         assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         try:
-            write_msg(self.proc.stdin, (task, result_path))
+            write_msg(self.proc.stdin, (task, result_path))  # type: ignore[arg-type]  # IO[bytes] is binary
             msg = read_msg(fd, 120.0)  # the first request also waits for the helper's imports
         except (OSError, TimeoutError) as exc:
             self.close()
@@ -272,7 +272,7 @@ def run_plan(plan: Plan, ctx: Context, zygote: Zygote, log_dir: str, progress: C
                     if ok:
                         timeline = payload.pop("timeline", {})
                         timeline.update(parent_half)
-                        timeline.update({k: payload[k] for k in ("logged", "lost", "duplicates", "flush_s",
+                        timeline.update({k: payload[k] for k in ("logged", "missing", "duplicates", "flush_s",
                                                                   "flush_error") if k in payload})
                         timeline["stored_count"] = payload.get("stored")  # "stored" holds the polls
                         out.timelines[c.name] = timeline

@@ -51,9 +51,11 @@ class Sizes:
     loop_bare_first: bool = False  # set on odd repetitions, so the order alternates across children too
     loop_budget_s: float = 2.5  # a slow contender's logged window stops near this (fewer steps)
     loop_drain_timeout_s: float = 60.0
-    flaky_seconds: float = 20.0  # logging at a steady rate while the server is killed and restarted
+    flaky_seconds: float = 12.0  # logging at a steady rate while the server is killed and restarted
     flaky_kill_at_s: float = 4.0
     flaky_down_s: float = 3.0  # how long the server stays dead before the restart begins
+    flaky_after_s: float = 6.0  # logging goes on this long after the restarted server answers
+    flaky_max_seconds: float = 120.0  # ... but never longer than this
     flaky_flush_timeout_s: float = 40.0
     task_timeout_s: float = 600.0
 
@@ -63,7 +65,8 @@ QUICK = Sizes(latency_calls=1_000, latency_budget_s=0.2, throughput_metrics=2_00
               throughput_per_call_metrics=50, throughput_budget_s=5.0, seed_epochs=2, seed_compute_s=0.02,
               seed_file_mb=1, memory_calls=20_000, memory_mlflow_calls=2_000, memory_max_queue=2_000,
               block_timeout_s=0.2, loop_steps=400, loop_pairs=1, loop_budget_s=0.15, loop_drain_timeout_s=10.0,
-              flaky_seconds=14.0, flaky_kill_at_s=2.0, flaky_down_s=1.0, flaky_flush_timeout_s=20.0,
+              flaky_seconds=8.0, flaky_kill_at_s=2.0, flaky_down_s=1.0, flaky_after_s=3.0, flaky_max_seconds=60.0,
+              flaky_flush_timeout_s=20.0,
               task_timeout_s=120.0)
 
 
@@ -85,7 +88,7 @@ def applies(workload: str, c: Contender) -> bool:
 def rss() -> int:
     """Resident set size of this process, in bytes."""
     try:
-        import psutil
+        import psutil  # type: ignore[import-untyped]
 
         return int(psutil.Process().memory_info().rss)
     except ImportError:
