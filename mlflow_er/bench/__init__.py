@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                          "delivered); W&B and tensorboardX do not say")
         outcome = run_plan(plan, ctx, zygote, log_dir, progress, keep=args.keep, server=store.server)
         notes.extend(outcome.notes)
+        if hasattr(os, "getloadavg"):
+            machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         summary = report.summarize(outcome.results)
         rat = report.ratios(outcome.results)
         names = {w: [c.name for c in cs] for w, cs in plan.contenders.items()}

@@ -373,6 +373,10 @@ def text_report(doc: dict[str, Any]) -> str:
                  f"{mach.get('platform')}; Python {mach.get('python')}, mlflow {mach.get('mlflow')}, "
                  f"mlflow-er {mach.get('mlflow_er')}"
                  + "".join(f", {k} {v}" for k, v in doc.get("peers", {}).items()))
+    if mach.get("loadavg_at_start"):  # a shared box: the figures mean less when it was busy
+        lines.append("load average (1, 5, 15 min) at start: " + ", ".join(map(str, mach["loadavg_at_start"]))
+                     + ("; at end: " + ", ".join(map(str, mach["loadavg_at_end"])) if mach.get("loadavg_at_end")
+                        else ""))
     lines.append(f"repetitions: {settings['repeat']} (interleaved), cells: median [min–max]"
                  + ("; QUICK mode (tiny sizes, targets not judged)" if settings.get("quick") else ""))
     if doc.get("legend"):
