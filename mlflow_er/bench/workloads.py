@@ -61,9 +61,9 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(latency_calls=1_000, latency_budget_s=0.2, throughput_metrics=2_000, throughput_params_tags=20,
-              throughput_per_call_metrics=50, throughput_budget_s=5.0, seed_epochs=2, seed_compute_s=0.02,
-              seed_file_mb=1, memory_calls=20_000, memory_mlflow_calls=2_000, memory_max_queue=2_000,
+QUICK = Sizes(latency_calls=1_000, latency_budget_s=0.1, throughput_metrics=1_000, throughput_params_tags=20,
+              throughput_per_call_metrics=10, throughput_budget_s=2.0, seed_epochs=2, seed_compute_s=0.02,
+              seed_file_mb=1, memory_calls=10_000, memory_mlflow_calls=1_000, memory_max_queue=2_000,
               block_timeout_s=0.2, loop_steps=400, loop_pairs=1, loop_budget_s=0.15, loop_drain_timeout_s=10.0,
               flaky_seconds=8.0, flaky_kill_at_s=2.0, flaky_down_s=1.0, flaky_after_s=3.0, flaky_max_seconds=60.0,
               flaky_flush_timeout_s=20.0,
