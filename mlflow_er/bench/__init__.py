@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: a fresh SQLite store in a temporary folder)")
     store.add_argument("--start-server", action="store_true",
                        help="start a local 'mlflow server' (SQLite, --serve-artifacts) on 127.0.0.1 for the run")
+    p.add_argument("--jobs", type=int, default=None, help="tasks at a time, each in its own child (default 1; "
+                   "--quick: 2). More than 1 makes the figures noisier: for smoke runs")
     p.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     p.add_argument("--plot", metavar="PNG", default=None, help="also save a plot (needs matplotlib)")
     p.add_argument("--epochs", type=int, default=None, help="seed workload: epochs (default 5)")
@@ -213,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     if repeat < 1:
         print("mlflow-er bench: error: --repeat must be at least 1", file=sys.stderr)
         return 2
+    jobs = args.jobs if args.jobs is not None else (2 if args.quick else 1)
+    if jobs < 1:
+        print("mlflow-er bench: error: --jobs must be at least 1", file=sys.stderr)
+        return 2
     sizes = sizes_for(args.quick, seed_epochs=args.epochs, seed_compute_s=args.compute, seed_file_mb=args.file_mb)
     try:
         sink_opts = _options(args.sink_option, "--sink-option")
@@ -231,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = os.path.join(workdir, "logs")
     os.makedirs(log_dir)
     zygote = Zygote(log_dir).start()  # imports MLflow while the store is being prepared
+    helpers = [Zygote(log_dir).start() for _ in range(jobs - 1)] if zygote.fork else []
     store = None
     try:
         progress("mlflow-er bench: " + ("starting a local mlflow server..." if args.start_server else "preparing..."))
@@ -244,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         ctx.experiment_id = probed["experiment_id"]
+        progress(f"mlflow-er bench: store and plugins ready after {time.perf_counter() - started:.1f}s")
         notes: list[str] = list(early_notes)
         skipped: list[dict[str, str]] = list(probed.get("peers_skipped", []))
         try:
@@ -267,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
                          "window; delivery left at the window's end is not (see 'delivered %' and 'drain s'). "
                          "'delivered %' of MLflow async counts its queue only (a batch being sent counts as "
                          "delivered); W&B and tensorboardX do not say")
-        outcome = run_plan(plan, ctx, zygote, log_dir, progress, keep=args.keep, server=store.server)
+        if helpers:
+            notes.append(f"{len(helpers) + 1} tasks at a time (--jobs): the figures are noisier than one at a time")
+        outcome = run_plan(plan, ctx, zygote, log_dir, progress, keep=args.keep, server=store.server,
+                           helpers=helpers)
         notes.extend(outcome.notes)
         if hasattr(os, "getloadavg"):
             machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -278,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             "schema": SCHEMA,
             "command": "mlflow-er bench " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": machine, "store": store.describe(),
-            "settings": {"quick": args.quick, "repeat": repeat, "workloads": workloads,
+            "settings": {"quick": args.quick, "repeat": repeat, "jobs": jobs, "workloads": workloads,
                          "sizes": {k: v for k, v in vars(sizes).items()}},
             "contenders": names, "skipped": skipped,
             "legend": legend(sorted({n for ns in names.values() for n in ns})),
@@ -301,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if outcome.errors else 0
     finally:
         zygote.close()
+        for helper in helpers:
+            helper.close()
         if store is not None:
             store.close()
         elif not args.keep:
