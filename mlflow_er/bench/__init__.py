@@ -1,16 +1,21 @@
 """``mlflow-er bench``: MLflow's logging modes and every mlflow-er backend × sink, side by side.
 
-Workloads (``latency``, ``throughput``, ``seed``, ``memory``) run for every contender in
-one invocation, interleaved (A B A B …) over ``--repeat`` repetitions, each task in a
-fresh child process. The report gives medians with their spread, ratios against MLflow
-sync and async, and the project's targets as met or missed. ``--json`` prints the same
-as a stable JSON document::
+Workloads (``latency``, ``throughput``, ``seed``, ``memory``, ``loop``, ``flaky``) run for
+every contender in one invocation, interleaved (A B A B …) over ``--repeat`` repetitions,
+each task in a fresh child process. The report gives medians with their spread, ratios
+against MLflow sync and async, and the project's targets as met or missed (not judged
+with ``--quick``). ``--json`` prints the same as a stable JSON document::
 
     {"schema": "mlflow-er-bench/1", "machine": {...}, "store": {"kind", "uri"},
      "settings": {...}, "contenders": {workload: [name, ...]}, "skipped": [...],
+     "legend": {contender: meaning}, "peers": {name: version},
      "workloads": {workload: {contender: {metric: {"median", "min", "max", "n"}}}},
      "ratios": {workload: {contender: {metric: {reference: ratio}}}},
-     "targets": [{"name", "op", "target", "measured", "unit", "met"}], "errors": [...], "notes": [...]}
+     "targets": [{"name", "op", "target", "measured", "unit", "kind", "met", "judged"}],
+     "timelines": {contender: {"caller": [...], "stored": [...], "events": {...}, ...}},
+     "plot": {"path", "panels": [...]}, "errors": [...], "notes": [...]}
+
+Counts (calls, records, dropped) are integers; ``met`` is ``null`` when not judged.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 
 from . import report
 from .contenders import Contender, Context, er_contender, mlflow_contenders
+from .legend import legend
 from .runner import Plan, Task, Zygote, run_plan
 from .server import open_store
 from .workloads import WORKLOADS, applies, sizes_for
@@ -59,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``mlflow-er bench`` argument parser."""
     p = argparse.ArgumentParser(prog="mlflow-er bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: finishes in seconds")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repetition, targets not judged: "
+                   "a smoke run of ~15 s")
     p.add_argument("--repeat", type=int, default=None, help="repetitions per workload × contender (default 3, "
                    "quick 1)")
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {WORKLOADS}")
+    p.add_argument("--workloads", default=None, help=f"comma-separated subset of {WORKLOADS} (default all; "
+                   "'flaky' needs --start-server: it kills and restarts the server)")
     p.add_argument("--contenders", default=None,
                    help="comma-separated names or glob patterns (e.g. 'mlflow-*,er-threaded/*'); default all")
     store = p.add_mutually_exclusive_group()
@@ -70,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: a fresh SQLite store in a temporary folder)")
     store.add_argument("--start-server", action="store_true",
                        help="start a local 'mlflow server' (SQLite, --serve-artifacts) on 127.0.0.1 for the run")
+    p.add_argument("--jobs", type=int, default=None, help="tasks at a time, each in its own child (default 1; "
+                   "--quick: 2). More than 1 makes the figures noisier: for smoke runs")
     p.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     p.add_argument("--plot", metavar="PNG", default=None, help="also save a plot (needs matplotlib)")
     p.add_argument("--epochs", type=int, default=None, help="seed workload: epochs (default 5)")
@@ -118,10 +128,22 @@ def _select(contenders: list[Contender], patterns: str | None) -> list[Contender
     return [c for c in contenders if _matches(c.name, pats)]
 
 
+#: Left out of ``--quick`` unless named with ``--contenders``: variants whose figures the quick
+#: run's smoke check does not need (the full bench runs them), and the peers (tensorboardX
+#: imports torch when it is installed: seconds per child).
+QUICK_LEAVES_OUT = ("mlflow-async", "mlflow-scheme-threaded", "er-sync/spool", "*/spool[*", "peer")
+
+
+def _quick_keeps(c: Contender) -> bool:
+    return not any(c.kind == p or _matches(c.name, [p]) for p in QUICK_LEAVES_OUT)
+
+
 def _plan_contenders(probed: dict[str, Any], workloads: list[str], patterns: str | None,
-                     notes: list[str], skipped: list[dict[str, str]]) -> dict[str, list[Contender]]:
+                     notes: list[str], skipped: list[dict[str, str]],
+                     quick: bool = False) -> dict[str, list[Contender]]:
     broken = probed.get("broken", {})
     base = mlflow_contenders()
+    base += [Contender(name, "peer") for name in probed.get("peers", [])]
     for b in probed["backends"]:
         if f"backend:{b}" in broken:
             skipped.append({"contender": f"er-{b}/*", "reason": broken[f"backend:{b}"]})
@@ -133,19 +155,29 @@ def _plan_contenders(probed: dict[str, Any], workloads: list[str], patterns: str
                 continue
             base.append(er_contender(b, s))
     # Background backends right after raw log_batch (their drain is compared with it), one-request-per-call last.
-    base.sort(key=lambda c: (c.kind == "er", c.kind == "er" and c.per_call))
+    base.sort(key=lambda c: (c.kind == "peer", c.kind == "er", c.kind == "er" and c.per_call))
+    everyone = list(base)
+    if quick and not patterns:
+        left = sorted({c.name for c in base if not _quick_keeps(c)})
+        base = [c for c in base if _quick_keeps(c)]
+        notes.append(f"quick: left out (the full bench runs them; or name them with --contenders): "
+                     f"{', '.join(left)}, */spool[policy]")
     chosen = _select(base, patterns)
     plan: dict[str, list[Contender]] = {}
     chosen_names = {c.name for c in chosen}
     pats = [p.strip() for p in (patterns or "").split(",") if p.strip()]
     for w in workloads:
+        if w == "flaky":  # a picture of two families: even --quick keeps both
+            plan[w] = [c for c in _select(everyone, patterns) if applies(w, c)]
+            continue
         if w != "memory":
             plan[w] = [c for c in chosen if applies(w, c)]
             continue
         cands: list[Contender] = []
         for c in base:  # one memory contender per backpressure policy the backend accepts
             if c.kind == "er":
-                cands.extend(c.with_policy(p) for p in probed.get("policies", {}).get(c.backend, []))
+                cands.extend(c.with_policy(p) for p in probed.get("policies", {}).get(c.backend, [])
+                             if not quick or patterns or _quick_keeps(c.with_policy(p)))
             elif applies(w, c):
                 cands.append(c)
         # selected by its own name (er-threaded/mlflow[drop]) or by its contender's (er-threaded/mlflow)
@@ -163,17 +195,29 @@ def _plan_contenders(probed: dict[str, Any], workloads: list[str], patterns: str
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; return 0, or 1 if a task failed, or 2 on bad usage."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    workloads = [w.strip() for w in (args.workloads or ",".join(WORKLOADS)).split(",") if w.strip()]
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown or not workloads:
         print(f"mlflow-er bench: error: unknown workload(s) {unknown}; choose from {WORKLOADS}", file=sys.stderr)
         return 2
+    early_notes: list[str] = []
+    if "flaky" in workloads and not args.start_server:
+        if args.workloads:
+            print("mlflow-er bench: error: the flaky workload kills and restarts the tracking server, so it needs "
+                  "one this bench starts: add --start-server", file=sys.stderr)
+            return 2
+        workloads.remove("flaky")
+        early_notes.append("flaky: not run (it kills and restarts the server): add --start-server")
     if args.plot and (problem := report.check_plot_available()):
         print(f"mlflow-er bench: error: {problem}", file=sys.stderr)
         return 2
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     if repeat < 1:
         print("mlflow-er bench: error: --repeat must be at least 1", file=sys.stderr)
+        return 2
+    jobs = args.jobs if args.jobs is not None else (2 if args.quick else 1)
+    if jobs < 1:
+        print("mlflow-er bench: error: --jobs must be at least 1", file=sys.stderr)
         return 2
     sizes = sizes_for(args.quick, seed_epochs=args.epochs, seed_compute_s=args.compute, seed_file_mb=args.file_mb)
     try:
@@ -193,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = os.path.join(workdir, "logs")
     os.makedirs(log_dir)
     zygote = Zygote(log_dir).start()  # imports MLflow while the store is being prepared
+    helpers = [Zygote(log_dir).start() for _ in range(jobs - 1)] if zygote.fork else []
     store = None
     try:
         progress("mlflow-er bench: " + ("starting a local mlflow server..." if args.start_server else "preparing..."))
@@ -206,10 +251,12 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         ctx.experiment_id = probed["experiment_id"]
-        notes: list[str] = []
-        skipped: list[dict[str, str]] = []
+        progress(f"mlflow-er bench: store and plugins ready after {time.perf_counter() - started:.1f}s")
+        notes: list[str] = list(early_notes)
+        skipped: list[dict[str, str]] = list(probed.get("peers_skipped", []))
         try:
-            plan = Plan(workloads, _plan_contenders(probed, workloads, args.contenders, notes, skipped), repeat,
+            plan = Plan(workloads, _plan_contenders(probed, workloads, args.contenders, notes, skipped, args.quick),
+                        repeat,
                         sizes)
         except ValueError as exc:
             print(f"mlflow-er bench: error: {exc}", file=sys.stderr)
@@ -222,7 +269,19 @@ def main(argv: list[str] | None = None) -> int:
             notes.append("latency/throughput: contenders that send one request per call (mlflow-sync, "
                          "mlflow-async, er-sync) log fewer records or stop at a time budget; rates and "
                          "percentiles are per call, so they compare")
-        outcome = run_plan(plan, ctx, zygote, log_dir, progress, keep=args.keep)
+        if "loop" in workloads and plan.contenders.get("loop"):
+            notes.append("loop: µs lost per metric = (wall with logging − wall without) / metrics, in one child, "
+                         "windows alternating; it includes background threads' interpreter-lock time during the "
+                         "window; delivery left at the window's end is not (see 'delivered %' and 'drain s'). "
+                         "'delivered %' of MLflow async counts its queue only (a batch being sent counts as "
+                         "delivered); W&B and tensorboardX do not say")
+        if helpers:
+            notes.append(f"{len(helpers) + 1} tasks at a time (--jobs): the figures are noisier than one at a time")
+        outcome = run_plan(plan, ctx, zygote, log_dir, progress, keep=args.keep, server=store.server,
+                           helpers=helpers)
+        notes.extend(outcome.notes)
+        if hasattr(os, "getloadavg"):
+            machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         summary = report.summarize(outcome.results)
         rat = report.ratios(outcome.results)
         names = {w: [c.name for c in cs] for w, cs in plan.contenders.items()}
@@ -230,16 +289,21 @@ def main(argv: list[str] | None = None) -> int:
             "schema": SCHEMA,
             "command": "mlflow-er bench " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": machine, "store": store.describe(),
-            "settings": {"quick": args.quick, "repeat": repeat, "workloads": workloads,
+            "settings": {"quick": args.quick, "repeat": repeat, "jobs": jobs, "workloads": workloads,
                          "sizes": {k: v for k, v in vars(sizes).items()}},
-            "contenders": names, "skipped": skipped, "workloads": summary,
-            "ratios": rat, "targets": report.targets(summary, rat, names, args.quick),
+            "contenders": names, "skipped": skipped,
+            "legend": legend(sorted({n for ns in names.values() for n in ns})),
+            "peers": probed.get("peer_versions", {}), "workloads": summary,
+            "ratios": rat, "targets": report.targets(summary, rat, names, args.quick, store.kind),
+            "timelines": outcome.timelines,
             "errors": outcome.errors, "notes": notes, "seconds": round(time.perf_counter() - started, 1),
         }
         if args.keep:
             doc["notes"].append(f"store and logs kept in {store.workdir}")
         if args.plot:
-            report.plot(doc, args.plot)
+            from .plot import plot
+
+            doc["plot"] = {"path": args.plot, "panels": plot(doc, args.plot)[1]}
             progress(f"plot saved to {args.plot}")
         try:
             print(json.dumps(doc, indent=2) if args.json else report.text_report(doc), flush=True)
@@ -248,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if outcome.errors else 0
     finally:
         zygote.close()
+        for helper in helpers:
+            helper.close()
         if store is not None:
             store.close()
         elif not args.keep:

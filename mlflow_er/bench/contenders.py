@@ -34,9 +34,10 @@ POLICIES = ("block", "drop", "spill")
 class Contender:
     """One way of getting records into MLflow.
 
-    ``kind`` is ``"mlflow"`` (fluent API), ``"raw"`` (``MlflowClient.log_batch``) or ``"er"``
-    (an mlflow-er backend and sink). ``per_call`` marks contenders that send one request
-    per log call, so the throughput workload gives them fewer records (it reports a rate).
+    ``kind`` is ``"mlflow"`` (fluent API), ``"raw"`` (``MlflowClient.log_batch``), ``"er"``
+    (an mlflow-er backend and sink) or ``"peer"`` (another library: W&B, tensorboardX).
+    ``per_call`` marks contenders that send one request per log call, so the throughput
+    workload gives them fewer records (it reports a rate).
     ``policy`` is the backpressure policy (``on_full``) for the memory workload.
     """
 
@@ -126,6 +127,28 @@ class Session:
         """Counters the contender exposes (mlflow-er's ``stats()``), else empty."""
         return {}
 
+    def delivered(self) -> int | None:
+        """Records delivered so far, when the contender counts them (mlflow-er does), else ``None``."""
+        value = self.stats().get("delivered")
+        return int(value) if isinstance(value, (int, float)) else None
+
+    def pending(self) -> int | None:
+        """Records logged and not yet handed to the store, when that can be seen, else ``None``."""
+        return None
+
+    def step_logger(self, keys: tuple[str, ...]) -> Callable[[int, float], None]:
+        """A function ``log(step, value)`` logging one metric per key (the ``loop`` workload's step)."""
+        metric = self.metric
+        k0, k1, k2, k3, k4 = keys
+
+        def step(i: int, v: float) -> None:
+            metric(k0, v, i)
+            metric(k1, v * 0.5, i)
+            metric(k2, v * 0.25, i)
+            metric(k3, v + 1.0, i)
+            metric(k4, v - 1.0, i)
+        return step
+
     run_id: str = ""
 
 
@@ -169,7 +192,21 @@ class MlflowSession(Session):
 
             mlflow_store.flush(timeout)
         elif not self.sync:
-            mlflow.flush_async_logging()
+            _bounded(mlflow.flush_async_logging, timeout)
+
+    def pending(self) -> int | None:
+        if self.scheme:
+            queued = self.stats().get("queued")
+            return int(queued) if isinstance(queued, (int, float)) else None
+        if self.sync:
+            return 0
+        queue = _async_queue()
+        if queue is None:
+            return None
+        try:  # the batches still waiting (one being sent is not counted: slightly optimistic)
+            return sum(len(b.metrics) + len(b.params) + len(b.tags) for b in list(queue._queue.queue))
+        except AttributeError:
+            return None
 
     def stats(self) -> dict[str, Any]:
         if not self.scheme:
@@ -179,12 +216,35 @@ class MlflowSession(Session):
         return next(iter(mlflow_store.stats().values()), {})
 
     def stall(self) -> None:
-        from mlflow.tracking._tracking_service.utils import _get_store
-
-        queue = getattr(_get_store(), "_async_logging_queue", None)
+        queue = _async_queue()
         if queue is None or not hasattr(queue, "_logging_func"):
             raise NotImplementedError("this MLflow version has no AsyncLoggingQueue._logging_func to stall")
         queue._logging_func = _stall  # the queue's worker threads now hang in "log_batch"
+
+
+def _async_queue() -> Any:
+    """MLflow's async logging queue for the current tracking store, if it has one."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    return getattr(_get_store(), "_async_logging_queue", None)
+
+
+def _bounded(fn: Callable[[], Any], timeout: float | None) -> None:
+    """Call ``fn`` in a daemon thread; raise ``TimeoutError`` if it has not returned within ``timeout``."""
+    box: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # re-raised in the caller
+            box.append(exc)
+    t = threading.Thread(target=target, daemon=True, name="bench-bounded")
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not return within {timeout}s")
+    if box:
+        raise box[0]
 
 
 class RawSession(Session):
@@ -234,6 +294,10 @@ class ErSession(Session):
     def flush(self, timeout: float | None = None) -> None:
         self.run.flush(timeout)
 
+    def pending(self) -> int | None:
+        queued = self.stats().get("queued")
+        return int(queued) if isinstance(queued, (int, float)) else None
+
     def stall(self) -> None:
         for sink in self.tracker.sinks:
             sink.write_batch = _stall
@@ -268,6 +332,11 @@ def open_session(c: Contender, ctx: Context, backend_options: dict[str, Any] | N
             yield RawSession(client, run.info.run_id)
         finally:
             client.set_terminated(run.info.run_id)
+    elif c.kind == "peer":
+        from .peers import open_peer
+
+        with open_peer(c.name, os.getcwd()) as peer:
+            yield peer  # type: ignore[misc]  # a PeerSession offers what the loop workload uses
     elif c.kind == "er":
         from .. import plugins
         from ..tracker import ExperimentTracker
@@ -278,8 +347,8 @@ def open_session(c: Contender, ctx: Context, backend_options: dict[str, Any] | N
         tracker = ExperimentTracker(experiment_id=ctx.experiment_id, tracking_uri=ctx.uri, backend=backend,
                                     sinks=[c.sink], sink_options={c.sink: ctx.sink_options.get(c.sink, {})},
                                     close_timeout=ctx.close_timeout)
-        with tracker.run(run_name=name) as run:
-            yield ErSession(run, tracker)
+        with tracker.run(run_name=name) as er_run:
+            yield ErSession(er_run, tracker)
     else:
         raise ValueError(f"unknown contender kind {c.kind!r}")
 
@@ -292,6 +361,16 @@ def remove_run_artifacts(ctx: Context, run_id: str) -> None:
     for candidate in (root / run_id, root / ctx.experiment_id / run_id):
         if candidate.is_dir():
             shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _let_go(backend: Any) -> None:
+    """Close a backend built only to see that it can be (it may hold a thread or a process)."""
+    close = getattr(backend, "close", None)
+    if callable(close):
+        try:
+            close(timeout=5.0)
+        except Exception:  # never opened: nothing to release, whatever it says
+            pass
 
 
 def probe(ctx: Context) -> dict[str, Any]:
@@ -310,13 +389,13 @@ def probe(ctx: Context) -> dict[str, Any]:
     policies: dict[str, list[str]] = {}
     for name in backends:
         try:
-            plugins.make_backend(name, **ctx.backend_options.get(name, {}))
+            _let_go(plugins.make_backend(name, **ctx.backend_options.get(name, {})))
         except Exception as exc:
             broken[f"backend:{name}"] = f"{type(exc).__name__}: {exc}"
             continue
         for policy in POLICIES:  # backpressure policies this backend accepts (memory workload)
             try:
-                plugins.make_backend(name, **{**ctx.backend_options.get(name, {}), "on_full": policy})
+                _let_go(plugins.make_backend(name, **{**ctx.backend_options.get(name, {}), "on_full": policy}))
             except Exception as exc:
                 broken[f"policy:{name}[{policy}]"] = f"{type(exc).__name__}: {exc}"
             else:
@@ -328,5 +407,9 @@ def probe(ctx: Context) -> dict[str, Any]:
             sink.close()
         except Exception as exc:
             broken[f"sink:{name}"] = f"{type(exc).__name__}: {exc}"
+    from .peers import installed_peers
+
+    peers, peers_skipped, peer_versions = installed_peers()
     return {"backends": backends, "sinks": sinks, "broken": broken, "policies": policies,
+            "peers": peers, "peers_skipped": peers_skipped, "peer_versions": peer_versions,
             "plugins": [{"kind": p.kind, "name": p.name, "distribution": p.distribution} for p in infos]}

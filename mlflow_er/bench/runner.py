@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from .contenders import Contender, Context, probe
@@ -40,11 +44,47 @@ class Task:
     cwd: str | None = None  # the child's working folder (a sink may write relative paths there)
 
 
+def _template_path() -> Path:
+    import mlflow
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlflow-er"
+    return cache / f"bench-empty-sqlite-mlflow-{mlflow.__version__}.db"
+
+
+def _fresh_sqlite(uri: str) -> None:
+    """Give a new SQLite store its tables from a cached empty one (creating them takes ~6 s).
+
+    The first run creates the tables with MLflow's migrations and keeps a copy (this user's
+    cache folder, 0700/0600, one per MLflow version); later runs copy it.
+    """
+    from mlflow import MlflowClient
+
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):])
+    if db.exists():
+        return
+    template = _template_path()
+    if template.is_file():
+        shutil.copyfile(template, db)
+        return
+    MlflowClient(uri).search_experiments()  # runs the migrations
+    try:
+        template.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = template.with_name(f"{template.name}.{os.getpid()}.tmp")
+        shutil.copyfile(db, tmp)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, template)
+    except OSError:  # no cache folder: every run migrates, slower but correct
+        pass
+
+
 def _setup(task: Task) -> dict[str, Any]:
     """Create (or find) the benchmark's experiment, then probe every backend and sink."""
     from mlflow import MlflowClient
     from mlflow.entities import LifecycleStage
 
+    _fresh_sqlite(task.ctx.uri)
     client = MlflowClient(task.ctx.uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None and exp.lifecycle_stage == LifecycleStage.ACTIVE:
@@ -122,7 +162,7 @@ class Zygote:
         assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         try:
-            write_msg(self.proc.stdin, (task, result_path))
+            write_msg(self.proc.stdin, (task, result_path))  # type: ignore[arg-type]  # IO[bytes] is binary
             msg = read_msg(fd, 120.0)  # the first request also waits for the helper's imports
         except (OSError, TimeoutError) as exc:
             self.close()
@@ -194,38 +234,96 @@ class Outcome:
     results: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    #: the flaky workload's timeline per contender (one repetition: it is a picture, not a statistic)
+    timelines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def run_plan(plan: Plan, ctx: Context, zygote: Zygote, log_dir: str, progress: Callable[[str], None],
-             keep: bool = False) -> Outcome:
+             keep: bool = False, server: Any = None, helpers: list[Zygote] | None = None) -> Outcome:
     """Run every workload × contender, interleaved (A B A B …) over ``plan.repeat`` repetitions.
 
     Each task runs in its own fresh folder (removed afterwards unless ``keep``), so files a
-    sink writes relative to the working directory (a spool, say) never pile up.
+    sink writes relative to the working directory (a spool, say) never pile up. The
+    ``flaky`` workload runs once per contender (first repetition), alone, with a
+    :class:`~mlflow_er.bench.flaky.FlakyDirector` killing and restarting ``server``.
+    With ``helpers`` (more fork helpers) a repetition's other tasks run that many more at a
+    time (``--quick``: figures not judged); repetitions still follow one another, so the
+    per-repetition pairing of ratios holds.
     """
     out = Outcome({w: {c.name: [] for c in plan.contenders[w]} for w in plan.workloads})
     started = time.perf_counter()
+    lock = threading.Lock()
+    pool: queue.Queue[Zygote] = queue.Queue()
+    for z in [zygote, *(helpers or [])]:
+        pool.put(z)
     n = 0
     for rep in range(plan.repeat):
+        batch: list[tuple[str, Contender, int]] = []
         for workload in plan.workloads:
+            if workload == "flaky" and (rep > 0 or server is None):
+                continue
             for c in plan.contenders[workload]:
                 n += 1
-                label = f"{workload}-{c.name.replace('/', '_')}-{rep}"
-                cwd = os.path.join(ctx.workdir, "tasks", f"{n:03d}-{label}")
-                os.makedirs(cwd)
-                task = Task(workload, ctx, plan.sizes, os.path.join(log_dir, label + ".log"), c, cwd=cwd)
-                t0 = time.perf_counter()
-                ok, payload = zygote.run(task, plan.sizes.task_timeout_s)
-                took = time.perf_counter() - t0
-                if not keep:
-                    shutil.rmtree(cwd, ignore_errors=True)
-                if ok:
-                    out.results[workload][c.name].append(payload)
-                    progress(f"[{rep + 1}/{plan.repeat}] {workload:<10} {c.name:<28} {took:6.1f}s")
-                else:
-                    out.errors.append({"workload": workload, "contender": c.name, "repetition": rep,
-                                       "error": str(payload)})
-                    first = str(payload).strip().splitlines()[-1] if str(payload).strip() else "?"
-                    progress(f"[{rep + 1}/{plan.repeat}] {workload:<10} {c.name:<28} FAILED: {first}")
+                batch.append((workload, c, n))
+        alone = [b for b in batch if b[0] == "flaky"]
+        together = [b for b in batch if b[0] != "flaky"]
+
+        def one(item: tuple[str, Contender, int], rep: int = rep) -> None:
+            z = pool.get()
+            try:
+                _run_one(item, rep, plan, ctx, z, log_dir, progress, keep, server, out, lock)
+            finally:
+                pool.put(z)
+        if pool.qsize() > 1 and len(together) > 1:
+            with ThreadPoolExecutor(pool.qsize(), thread_name_prefix="bench-task") as ex:
+                list(ex.map(one, together))
+        else:
+            for item in together:
+                one(item)
+        for item in alone:
+            one(item)
     out.seconds = time.perf_counter() - started
     return out
+
+
+def _run_one(item: tuple[str, Contender, int], rep: int, plan: Plan, ctx: Context, zygote: Zygote, log_dir: str,
+             progress: Callable[[str], None], keep: bool, server: Any, out: Outcome, lock: threading.Lock) -> None:
+    """Run one task in a fresh child and record its result (or its failure) in ``out``."""
+    from .flaky import FlakyDirector
+
+    workload, c, n = item
+    label = f"{workload}-{c.name.replace('/', '_')}-{rep}"
+    cwd = os.path.join(ctx.workdir, "tasks", f"{n:03d}-{label}")
+    os.makedirs(cwd)
+    sizes = replace(plan.sizes, loop_bare_first=bool(rep % 2)) if workload == "loop" else plan.sizes
+    task = Task(workload, ctx, sizes, os.path.join(log_dir, label + ".log"), c, cwd=cwd)
+    t0 = time.perf_counter()
+    director = FlakyDirector(server, cwd, plan.sizes) if workload == "flaky" else None
+    if director is not None:
+        director.start()
+    ok, payload = zygote.run(task, plan.sizes.task_timeout_s)
+    took = time.perf_counter() - t0
+    if not keep:
+        shutil.rmtree(cwd, ignore_errors=True)
+    with lock:
+        if director is not None:
+            parent_half = director.finish()
+            if ok:
+                timeline = payload.pop("timeline", {})
+                timeline.update(parent_half)
+                timeline.update({k: payload[k] for k in ("logged", "missing", "duplicates", "flush_s",
+                                                          "flush_error") if k in payload})
+                timeline["stored_count"] = payload.get("stored")  # "stored" holds the polls
+                out.timelines[c.name] = timeline
+        if ok:  # texts (a drain that timed out, say) become notes; the figures stay numbers
+            out.notes.extend(f"{workload}: {c.name}: {k}: {v}" for k, v in payload.items()
+                             if isinstance(v, str) and v and k != "run_id")
+            payload = {k: v for k, v in payload.items() if not isinstance(v, (str, dict, list))}
+            out.results[workload][c.name].append(payload)
+            progress(f"[{rep + 1}/{plan.repeat}] {workload:<10} {c.name:<28} {took:6.1f}s")
+        else:
+            out.errors.append({"workload": workload, "contender": c.name, "repetition": rep,
+                               "error": str(payload)})
+            first = str(payload).strip().splitlines()[-1] if str(payload).strip() else "?"
+            progress(f"[{rep + 1}/{plan.repeat}] {workload:<10} {c.name:<28} FAILED: {first}")

@@ -89,6 +89,21 @@ class LocalServer:
             time.sleep(0.2)
         return self
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group at once (no shutdown: a crash), and reap it."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def alive(self) -> bool:
+        """Whether the server process runs and answers ``/health``."""
+        return self._proc is not None and self._proc.poll() is None and healthy(self.uri)
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process group, SIGKILL it after ``timeout`` seconds, reap."""
         proc, self._proc = self._proc, None

@@ -3,7 +3,10 @@
 - ``latency``: caller cost of ``log_metric`` (p50/p99/max, µs) in a tight loop, the writer busy;
 - ``throughput``: metrics + params/tags delivered to the store per second (until flushed);
 - ``seed``: the original example's loop (compute, metric, image, big file; best model at the end);
-- ``memory``: peak RSS growth over many calls with the writer stalled, per backpressure policy.
+- ``memory``: peak RSS growth over many calls with the writer stalled, per backpressure policy;
+- ``loop``: wall time a Python-bound training loop loses per metric (see :mod:`.loop`);
+- ``flaky``: caller latency and delivery over time while the server is killed and restarted
+  (see :mod:`.flaky`; needs ``--start-server``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 from .contenders import Contender, Context, RawSession, open_session, remove_run_artifacts
 
-WORKLOADS = ("latency", "throughput", "seed", "memory")
+WORKLOADS = ("latency", "throughput", "seed", "memory", "loop", "flaky")
 METRIC_KEYS = [f"m{i}" for i in range(10)]
 # Sessions entered and never left (latency, memory): referenced here so that garbage
 # collection does not close them, which would wait for a backlog or a stalled writer.
@@ -43,20 +46,40 @@ class Sizes:
     memory_mlflow_calls: int = 30_000  # MLflow async costs ~100 µs per call; growth is also given per call
     memory_max_queue: int | None = None  # None: the backend's default bounds
     block_timeout_s: float = 1.0
+    loop_steps: int = 6_000  # per window: 1.2 s of ~200 µs steps, 30,000 metrics
+    loop_pairs: int = 1  # logged/bare window pairs per child (L B, then B L, ...)
+    loop_bare_first: bool = False  # set on odd repetitions, so the order alternates across children too
+    loop_budget_s: float = 2.5  # a slow contender's logged window stops near this (fewer steps)
+    loop_drain_timeout_s: float = 60.0
+    flaky_seconds: float = 12.0  # logging at a steady rate while the server is killed and restarted
+    flaky_kill_at_s: float = 4.0
+    flaky_down_s: float = 3.0  # how long the server stays dead before the restart begins
+    flaky_after_s: float = 6.0  # logging goes on this long after the restarted server answers
+    flaky_max_seconds: float = 120.0  # ... but never longer than this
+    flaky_flush_timeout_s: float = 40.0
     task_timeout_s: float = 600.0
 
 
 FULL = Sizes()
-QUICK = Sizes(latency_calls=1_000, latency_budget_s=0.2, throughput_metrics=2_000, throughput_params_tags=20,
-              throughput_per_call_metrics=50, throughput_budget_s=5.0, seed_epochs=2, seed_compute_s=0.02,
-              seed_file_mb=1, memory_calls=20_000, memory_mlflow_calls=2_000, memory_max_queue=2_000,
-              block_timeout_s=0.2, task_timeout_s=120.0)
+QUICK = Sizes(latency_calls=1_000, latency_budget_s=0.1, throughput_metrics=1_000, throughput_params_tags=20,
+              throughput_per_call_metrics=10, throughput_budget_s=2.0, seed_epochs=2, seed_compute_s=0.02,
+              seed_file_mb=1, memory_calls=10_000, memory_mlflow_calls=1_000, memory_max_queue=2_000,
+              block_timeout_s=0.2, loop_steps=400, loop_pairs=1, loop_budget_s=0.15, loop_drain_timeout_s=10.0,
+              flaky_seconds=8.0, flaky_kill_at_s=2.0, flaky_down_s=1.0, flaky_after_s=3.0, flaky_max_seconds=60.0,
+              flaky_flush_timeout_s=20.0,
+              task_timeout_s=120.0)
 
 
 def applies(workload: str, c: Contender) -> bool:
     """Whether ``workload`` is meaningful for contender ``c``."""
     if c.kind == "raw":
         return workload == "throughput"
+    if c.kind == "peer":
+        return workload == "loop"
+    if workload == "flaky":  # background delivery to the server: MLflow async and mlflow-er's to the mlflow sink
+        if c.kind == "er":
+            return c.policy is None and not c.per_call and c.sink == "mlflow"
+        return c.kind == "mlflow" and not c.synchronous and not c.env and not c.scheme
     if workload == "memory":
         return c.policy is not None or (c.kind == "mlflow" and not c.synchronous)
     return c.policy is None
@@ -65,7 +88,7 @@ def applies(workload: str, c: Contender) -> bool:
 def rss() -> int:
     """Resident set size of this process, in bytes."""
     try:
-        import psutil
+        import psutil  # type: ignore[import-untyped]
 
         return int(psutil.Process().memory_info().rss)
     except ImportError:
@@ -103,7 +126,7 @@ def latency(c: Contender, ctx: Context, sizes: Sizes) -> dict[str, Any]:
         metric("lat", float(i), i)
         t1 = clock()
         lat[i] = t1 - t0
-        if not i & 63 and t1 > deadline:
+        if t1 > deadline:  # every call: a slow contender stops right at the budget
             done = i + 1
             break
     samples = sorted(lat[:done])
@@ -238,8 +261,33 @@ def memory(c: Contender, ctx: Context, sizes: Sizes) -> dict[str, Any]:
     return out
 
 
+# -- loop --------------------------------------------------------------------------------------
+def loop(c: Contender, ctx: Context, sizes: Sizes) -> dict[str, Any]:
+    """Wall time lost per metric by a Python-bound loop; the run is ended after the windows (untimed)."""
+    from .loop import run_loop
+
+    cm = open_session(c, ctx)
+    s = cm.__enter__()
+    out = run_loop(s, sizes.loop_steps, sizes.loop_pairs, sizes.loop_budget_s, sizes.loop_drain_timeout_s,
+                   sizes.loop_bare_first)
+    if "drain_error" in out:  # a writer that cannot drain would hold the run's end too
+        _ABANDONED.append(cm)
+        return out
+    t0 = time.perf_counter()
+    cm.__exit__(None, None, None)
+    out["end_s"] = time.perf_counter() - t0
+    return out
+
+
+def flaky(c: Contender, ctx: Context, sizes: Sizes) -> dict[str, Any]:
+    """See :func:`mlflow_er.bench.flaky.run_flaky`."""
+    from .flaky import run_flaky
+
+    return run_flaky(c, ctx, sizes)
+
+
 RUNNERS: dict[str, Callable[[Contender, Context, Sizes], dict[str, Any]]] = {
-    "latency": latency, "throughput": throughput, "seed": seed, "memory": memory}
+    "latency": latency, "throughput": throughput, "seed": seed, "memory": memory, "loop": loop, "flaky": flaky}
 
 
 def sizes_for(quick: bool, **overrides: Any) -> Sizes:
