@@ -211,8 +211,9 @@ class LaneWorker:
     """The thread that moves one non-durable lane along the stream."""
 
     def __init__(self, lane: Lane, next_chunk: Callable[[int, float], Sequence[StreamItem] | None],
-                 passed: Callable[[], None]):
+                 passed: Callable[[], None], given_up: Callable[[], bool] = lambda: False):
         self.lane = lane
+        self._given_up = given_up
         self._next = next_chunk
         self._passed = passed
         self._closing = False
@@ -224,6 +225,8 @@ class LaneWorker:
         lane = self.lane
         try:
             while True:
+                if self._closing and self._given_up():
+                    return  # what this lane has not delivered was kept on disk: stop sending it
                 items = self._next(lane.pos, 0.25)
                 if items is None:
                     if self._closing:

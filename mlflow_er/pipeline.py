@@ -154,7 +154,8 @@ class Pipeline:
             return
         with self._lock:
             alive = {id(w.lane): w for w in self._workers if w.alive() or w.fatal}
-            self._workers = [alive.get(id(lane)) or LaneWorker(lane, self._next_chunk, self._passed)
+            self._workers = [alive.get(id(lane)) or LaneWorker(lane, self._next_chunk, self._passed,
+                                                                     self._stop.is_set)
                              for lane in self._followers]
 
     def _workers_alive(self) -> bool:
@@ -202,7 +203,9 @@ class Pipeline:
         return max((self._records_behind(lane) for lane in self._followers), default=0)
 
     def unsent(self) -> int:
-        """Records some lane has not delivered yet (artifacts included)."""
+        """Records some lane has not delivered yet (artifacts included); none once kept on disk."""
+        if self._stop.is_set():
+            return 0  # given up: what was unsent is counted in `kept` (on disk), not as queued
         with self._lock:
             behind = self._behind()
         return behind + max((lane.artifacts_pending() for lane in self.lanes), default=0)

@@ -269,6 +269,7 @@ print("AFTER " + json.dumps({
     "status": tracker.client.get_run(big.run_id).info.status,
     "active_run": mlflow.active_run().info.run_id if mlflow.active_run() else None,
     "stored": stored, "queued": s["queued"], "dropped": s["dropped_total"], "failed": s["failed"],
+    "kept": s["kept_on_disk"],
     "threads": [t.name for t in threading.enumerate() if t.name.startswith("mlflow-er") and t.is_alive()],
 }))
 """
@@ -306,4 +307,6 @@ def test_interrupt_during_the_final_flush_still_ends_the_run(tmp_path: Path) -> 
     assert after["active_run"] is None, after
     assert after["status"] == "KILLED", after
     assert after["threads"] == [], after
-    assert after["stored"] + after["queued"] + after["dropped"] + after["failed"] == 90_000, after
+    # Whatever was not stored when the second interrupt came is kept on disk (replayable), or counted.
+    assert after["queued"] == 0, after
+    assert after["stored"] + after["kept"] + after["dropped"] + after["failed"] >= 90_000, after
