@@ -154,29 +154,6 @@ def _isolated_mlflow(tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> Iter
 # --------------------------------------------------------------------------- the frameworks
 
 
-def test_identical_points_logged_back_to_back_are_all_stored(tmp_path: Path, empty_store: Path) -> None:
-    """Three log calls of the same (key, step, value) are three points in MLflow, as on plain sqlite.
-
-    transformers' Trainer does this at the end of every ``train()``: the last step's log and
-    the summary both carry ``epoch`` at the same step. Under ``threaded+`` the calls take
-    microseconds, so they are stamped with the same millisecond; MLflow keys a metric row on
-    (key, timestamp, step, value), so the store keeps one row where plain MLflow keeps three.
-    """
-    counts = {}
-    for name, prefix in (("plain", ""), ("threaded", "threaded+")):
-        with variant_dir(tmp_path, name) as folder:
-            shutil.copyfile(empty_store, folder / "mlflow.db")
-            mlflow.set_tracking_uri(f"{prefix}sqlite:///{folder / 'mlflow.db'}")
-            with mlflow.start_run() as run:
-                mlflow.log_metric("epoch", 1.5, step=6)
-                mlflow.log_metric("epoch", 1.5, step=6)
-                mlflow.log_metrics({"epoch": 1.5}, step=6)
-            history = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").get_metric_history(run.info.run_id, "epoch")
-            counts[name] = [(m.step, m.value) for m in history]
-    assert counts["plain"] == [(6, 1.5)] * 3
-    assert counts["threaded"] == counts["plain"]
-
-
 def _lightning_train(uri: str, folder: Path) -> None:
     import lightning as L
     import torch
