@@ -283,14 +283,13 @@ def test_sync_and_status_output_hide_the_password(mlflow_server: MlflowServer, t
 
     with FaultServer(upstream=mlflow_server.uri, script_paths=("runs/log-batch",)) as proxy:
         uri = _creds(proxy.uri)
-        results = []
-        for mode in ("html", "reset", None):
-            proxy.set_mode(mode)
-            results.append(cli("sync", str(spool), "--tracking-uri", uri, "--retry-deadline", "1", "--no-progress"))
-            results.append(cli("status", str(spool)))
+        proxy.set_mode("reset")  # MLflow's own exception text, which quotes the URL, reaches the output
+        results = [cli("sync", str(spool), "--tracking-uri", uri, "--retry-deadline", "0.5", "--no-progress")]
+        proxy.set_mode(None)
         results.append(cli("sync", str(spool), "--tracking-uri", uri, "--json"))
+        results.append(cli("status", str(spool)))
     codes = [r.returncode for r in results]
-    assert codes == [3, 0, 3, 0, 0, 0, 0], [(r.returncode, r.stderr[-300:]) for r in results]
-    assert "not MLflow's reply" in results[0].stderr and "synced into http://***@" in results[-2].stdout
+    assert codes == [3, 0, 0], [(r.returncode, r.stderr[-300:]) for r in results]
+    assert "no reply from http://***@" in results[0].stderr and "synced into http://***@" in results[-1].stdout
     for r in results:
         assert _leaks(r.stdout + r.stderr) == [], r.args
