@@ -116,8 +116,8 @@ def check_source(local_path: str | os.PathLike[str], field: str = "artifact loca
     try:
         st = os.stat(path)  # stat never opens: safe on a FIFO
     except FileNotFoundError:
-        what = "a broken symlink" if os.path.islink(path) else "does not exist"
-        raise InvalidRecord(field, f"{path!r} {what}") from None
+        missing = "a broken symlink" if os.path.islink(path) else "does not exist"
+        raise InvalidRecord(field, f"{path!r} {missing}") from None
     if not stat.S_ISDIR(st.st_mode):
         what = _special(st.st_mode)
         if what is not None:
@@ -133,9 +133,9 @@ def check_source(local_path: str | os.PathLike[str], field: str = "artifact loca
             except OSError:
                 raise InvalidRecord(field, f"{entry!r} inside {path!r} is a broken symlink or unreadable; remove "
                                            "it or log the other files one by one") from None
-            what = _special(est.st_mode)
-            if what is not None:
-                raise InvalidRecord(field, f"{entry!r} inside {path!r} is {what}; only regular files can be logged: "
+            inner = _special(est.st_mode)
+            if inner is not None:
+                raise InvalidRecord(field, f"{entry!r} inside {path!r} is {inner}; only regular files can be logged: "
                                            "reading it could block the caller forever or never end")
             if stat.S_ISDIR(est.st_mode):
                 if (est.st_dev, est.st_ino) in seen:
@@ -265,7 +265,7 @@ def dump_dict(content: Any, artifact_file: str) -> str:
     """
     try:
         if posixpath.splitext(artifact_file)[1] in {".yaml", ".yml"}:
-            import yaml
+            import yaml  # type: ignore[import-untyped]
 
             return str(yaml.safe_dump(content, default_flow_style=False))
         return json.dumps(content, indent=2)

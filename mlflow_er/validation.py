@@ -105,7 +105,7 @@ def check_timestamp(key: str, timestamp: object) -> int:
         isinstance(timestamp, float) and not math.isfinite(timestamp)
     ):
         raise InvalidRecord(f"timestamp for {key!r}", f"must be an int (ms), got {timestamp!r:.60}")
-    ts = int(timestamp)
+    ts = int(timestamp)  # type: ignore[call-overload]  # a numbers.Real: int() works on every one
     if not 0 <= ts <= INT64_MAX:
         raise InvalidRecord(f"timestamp for {key!r}", f"{ts} is out of range", "0 <= timestamp (ms) <= int64 max")
     return ts

@@ -262,7 +262,7 @@ class MlflowSink(Sink):
         except (KeyError, TypeError, ValueError):
             raise SinkError(f"runs/get: reply without run.info.artifact_uri ({_snippet(resp.content)!r}) is not "
                             "MLflow's reply", transient=True) from None
-        repo = get_artifact_repository(artifact_uri, tracking_uri=self._inner_uri)
+        repo: Any = get_artifact_repository(artifact_uri, tracking_uri=self._inner_uri)
         # Multipart uploads (opt-in) talk to presigned URLs: leave those to MLflow's own client.
         if not isinstance(repo, HttpArtifactRepository) or MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD.get():
             repo = None
