@@ -229,3 +229,36 @@ def test_sync_through_a_login_proxy_marks_no_progress_and_a_good_rerun_delivers_
     assert sorted(m.step for m in history) == list(range(n)), f"{len(history)} rows for {n} records"
     assert sync_main([str(spool), "--tracking-uri", mlflow_server.uri, "--no-progress"]) == EXIT_OK
     assert len(client.get_metric_history(target.info.run_id, "k")) == n
+
+
+@pytest.mark.server
+@pytest.mark.timeout(60)
+def test_artifacts_are_uploaded_with_checked_puts_and_fail_behind_a_login_proxy(
+        mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_ER_STAGING_DIR", str(tmp_path / "staging"))
+    folder = tmp_path / "ckpt"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("A")
+    (folder / "sub" / "b.txt").write_text("B")
+    single = tmp_path / "model.bin"
+    single.write_bytes(b"weights")
+    with FaultServer(upstream=mlflow_server.uri, script_paths=("model.bin",)) as proxy:
+        tracker = ExperimentTracker(f"art-{uuid.uuid4().hex[:6]}", tracking_uri=proxy.uri, backend="threaded",
+                                    backend_options={"retry_deadline": 1.0}, close_timeout=30)
+        with tracker.run(run_name="ok") as run:
+            run.log_artifacts(folder, "ckpt")
+            run.log_artifact(single, "models")
+            run.flush(timeout=30)
+        client = MlflowClient(mlflow_server.uri)
+        local = Path(client.download_artifacts(run.run_id, "", str(tmp_path / "down")))
+        assert (local / "ckpt" / "a.txt").read_text() == "A" and (local / "ckpt" / "sub" / "b.txt").read_text() == "B"
+        assert (local / "models" / "model.bin").read_bytes() == b"weights"
+        puts = [r for r in proxy.requests if r.method == "PUT"]
+        assert len(puts) == 3 and all(r.status == 200 for r in puts)
+        proxy.set_mode("login-redirect")  # only the model.bin upload meets the login proxy
+        with pytest.raises(DeliveryError, match="model.bin"):
+            with tracker.run(run_name="behind-login") as run2:
+                run2.log_artifact(single, "models")
+                run2.flush(timeout=30)
+        assert proxy.requests_to("/login") == []
+    assert [f.path for f in client.list_artifacts(run2.run_id)] == []
