@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from .errors import TrackingUnavailable
 from .redact import redact
 
-__all__ = ["PROBE_TIMEOUT", "normalize_tracking_uri", "probe_server"]
+__all__ = ["PROBE_TIMEOUT", "check_scheme", "normalize_tracking_uri", "probe_server"]
 
 PROBE_TIMEOUT = 5.0
 
@@ -51,9 +51,43 @@ def normalize_tracking_uri(uri: str | os.PathLike[str] | None, probe: bool = Tru
             raise _unavailable("missing", f"folder of the SQLite tracking store {db!r} does not exist: "
                                           "create it first")
         return uri
+    check_scheme(uri)
     if parts.scheme in ("http", "https") and probe:
         probe_server(uri, timeout)
     return uri
+
+
+def _known_schemes() -> set[str]:
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        return set(_tracking_store_registry._registry)
+    except (ImportError, AttributeError):  # a private registry: without it, let MLflow decide
+        return set()
+
+
+def check_scheme(uri: str) -> None:
+    """Raise :class:`TrackingUnavailable` (one line, with a suggestion) for a scheme no tracking store has.
+
+    ``htp://host`` would otherwise surface as MLflow's multi-line traceback about the model registry.
+    A ``threaded+``/``spool+`` prefix is looked through; a driver suffix (``postgresql+psycopg2``) is fine.
+    """
+    scheme = urlsplit(uri).scheme.lower()
+    known = _known_schemes()
+    if not scheme or not known or scheme in known or (len(scheme) == 1 and os.name == "nt"):
+        return
+    parts = scheme.split("+")
+    if parts[0] in ("threaded", "spool") and len(parts) > 1:
+        parts = parts[1:]
+    if parts[0] in known:
+        return
+    import difflib
+
+    plain = sorted(k for k in known if k and "+" not in k)
+    close = difflib.get_close_matches(parts[0], plain, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}://? " if close else ""
+    raise _unavailable("scheme", f"tracking URI {uri}: unknown scheme {parts[0]!r}; {hint}MLflow's tracking stores "
+                                 f"take {', '.join(plain)} (or a local path)")
 
 
 def _unavailable(kind: str, message: str) -> TrackingUnavailable:

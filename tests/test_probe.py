@@ -173,3 +173,24 @@ def test_normalize_checks_local_paths_and_probes_only_when_asked(tmp_path: Path)
         assert listener.connections == 0
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("uri, suggestion", [
+    (f"htp://alice:{SECRET}@127.0.0.1:5000", "did you mean http://?"),
+    ("threaded+htps://127.0.0.1:5000", "did you mean https://?"),
+    ("sqllite:///mlflow.db", "did you mean sqlite://?"),
+])
+def test_unknown_scheme_is_one_line_with_a_suggestion(uri: str, suggestion: str) -> None:
+    with pytest.raises(TrackingUnavailable) as info:
+        normalize_tracking_uri(uri)
+    text = str(info.value)
+    assert info.value.kind == "scheme" and "\n" not in text  # type: ignore[attr-defined]
+    assert "unknown scheme" in text and suggestion in text and SECRET not in text
+
+
+@pytest.mark.parametrize("uri", ["postgresql+psycopg2://u@127.0.0.1/db", "threaded+sqlite:///x.db",
+                                 "databricks", "mysql://u@127.0.0.1/db"])
+def test_known_schemes_pass_the_scheme_check(uri: str) -> None:
+    from mlflow_er.probe import check_scheme
+
+    check_scheme(uri)
