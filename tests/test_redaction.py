@@ -124,6 +124,18 @@ def test_mlflow_sink_errors_and_repr_hide_the_password() -> None:
     assert _leaks(_exception_text(info.value)) == []
 
 
+def test_a_store_error_quoting_a_password_is_not_chained_into_tracebacks() -> None:
+    from mlflow.exceptions import MlflowException
+
+    from mlflow_er.sinks.mlflow import classify_mlflow_exception
+
+    leaky = MlflowException(f"(psycopg2.OperationalError) connection to postgresql://{USER}:{SECRET}@db/x failed")
+    err = classify_mlflow_exception(leaky)
+    assert err.__cause__ is None and _leaks(_exception_text(err)) == []
+    plain = MlflowException("Run with id=abc not found")
+    assert classify_mlflow_exception(plain).__cause__ is plain  # kept for debugging when harmless
+
+
 # -- a tracker end to end, every channel ----------------------------------------------------------------
 class _Channels(dict):  # type: ignore[type-arg]
     def add(self, name: str, text: Any) -> None:

@@ -86,7 +86,14 @@ def classify_mlflow_exception(exc: MlflowException) -> SinkError:
     whole_run = run_rejected(code, message)
     transient = not whole_run and (code in TRANSIENT_CODES or (code == "" and status in TRANSIENT_HTTP))
     err = SinkError(redact(f"{code or 'error'}: {message}"), transient=transient, whole_run=whole_run)
-    err.__cause__ = exc
+    return _caused_by(err, exc)
+
+
+def _caused_by(err: SinkError, exc: BaseException) -> SinkError:
+    """Chain ``exc`` for debugging, unless its text holds a credential (a traceback would print it)."""
+    if redact(exc) == str(exc):
+        err.__cause__ = exc
+    err.__suppress_context__ = True
     return err
 
 
@@ -209,9 +216,10 @@ class MlflowSink(Sink):
             # A local store reports a bad row (e.g. an int too large for SQLite) as
             # INTERNAL_ERROR too; only lock contention is worth retrying there.
             err.transient = not err.whole_run and _looks_transient(exc)
-            raise err from exc
+            raise err from err.__cause__
         except Exception as exc:  # e.g. sqlite "database is locked" surfacing raw
-            raise SinkError(redact(f"{type(exc).__name__}: {exc}"), transient=_looks_transient(exc)) from exc
+            err = _caused_by(SinkError(redact(f"{type(exc).__name__}: {exc}"), transient=_looks_transient(exc)), exc)
+            raise err from err.__cause__
 
     def _request(self, what: str, creds: Any, endpoint: str, method: str, **kwargs: Any) -> Any:
         """One HTTP request through MLflow's helper: no retries, no redirects, bounded, errors redacted."""
@@ -242,9 +250,11 @@ class MlflowSink(Sink):
             else:
                 self.client.log_artifact(artifact.run_id, artifact.local_path, artifact.artifact_path)
         except MlflowException as exc:
-            raise classify_mlflow_exception(exc) from None
+            err = classify_mlflow_exception(exc)
+            raise err from err.__cause__
         except Exception as exc:
-            raise SinkError(redact(f"{type(exc).__name__}: {exc}"), transient=_looks_transient(exc)) from None
+            err = _caused_by(SinkError(redact(f"{type(exc).__name__}: {exc}"), transient=_looks_transient(exc)), exc)
+            raise err from err.__cause__
 
     def _http_artifact_repo(self, run_id: str) -> Any:
         """The run's artifact repository when uploads go over HTTP to the server (else ``None``)."""
