@@ -23,7 +23,7 @@ import threading
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-__all__ = ["redact", "remember_secret", "RedactFilter"]
+__all__ = ["redact", "redact_uri", "remember_secret", "RedactFilter"]
 
 MASK = "***"
 
@@ -36,9 +36,9 @@ _BEARER = re.compile(r"\b(?P<key>Bearer\s+)(?P<value>[A-Za-z0-9+/=._~\-]{8,})")
 _KV_SECRET = re.compile(r"(?i)(?P<key>\b(?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key)"
                         r"['\"]?\s*[=:]\s*['\"]?)(?P<value>[^\s&'\",;}]+)")
 
-# Secrets below this length are not replaced as literals: masking every "a" or "pw" in a text would
-# garble it; such a password is still hidden inside any URI it appears in.
-_MIN_LITERAL = 4
+# Secrets below this length are not replaced as literals: masking every "admin" or "pw" in a text
+# would garble it; such a password is still hidden inside any URI it appears in.
+_MIN_LITERAL = 6
 _MAX_LITERALS = 64
 _lock = threading.Lock()
 _literals: set[str] = set()
@@ -55,17 +55,25 @@ def remember_secret(secret: str | None) -> None:
                 _literals.add(s)
 
 
-def _uri_redact(uri: str) -> str:
-    # A lone URI keeps the exact shape earlier versions printed ("scheme://***@host:port/path"):
-    # the spool's sync state is keyed by a hash of this string.
+def redact_uri(uri: str) -> str:
+    """``scheme://***@host:port/path`` for a URI with credentials, else ``uri`` unchanged.
+
+    Deterministic (no remembered secrets, no text rules): ``mlflow-er sync`` keys its state by a
+    hash of this string, so it must be the same in every process. Use :func:`redact` for text.
+    """
     parts = urlsplit(uri)
     if parts.password or parts.username:
-        remember_secret(parts.password)
         netloc = parts.hostname or ""
         if parts.port:
             netloc += f":{parts.port}"
         return urlunsplit(parts._replace(netloc=f"{MASK}@{netloc}"))
     return uri
+
+
+def _uri_redact(uri: str) -> str:
+    # A lone URI keeps the shape earlier versions printed ("scheme://***@host:port/path").
+    remember_secret(urlsplit(uri).password)
+    return redact_uri(uri)
 
 
 def _userinfo(match: re.Match[str]) -> str:

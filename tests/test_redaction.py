@@ -84,6 +84,20 @@ def test_a_lone_uri_keeps_its_old_redacted_shape() -> None:
         "no credentials, user@example.com at http://h:1/p"
 
 
+def test_uri_redaction_for_the_sync_state_key_is_deterministic() -> None:
+    import hashlib
+
+    from mlflow_er.redact import redact_uri, remember_secret
+    from mlflow_er.sinks.mlflow import _redact
+    from mlflow_er.spool.replay import target_key
+
+    uri = "http://bob:x@mlflow-prod.example:5000"
+    before = target_key(uri)
+    remember_secret("mlflow-prod")  # a secret that happens to look like the host name
+    assert _redact is redact_uri and redact_uri(uri) == "http://***@mlflow-prod.example:5000"
+    assert target_key(uri) == before == hashlib.sha256(b"http://***@mlflow-prod.example:5000").hexdigest()[:16]
+
+
 def test_a_password_once_seen_in_a_uri_is_hidden_wherever_it_reappears() -> None:
     redact(f"http://{USER}:{SECRET}@127.0.0.1:5000")
     assert SECRET not in redact(f"host creds: username={USER!r} secret {SECRET!r} (split by urllib)")

@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from ..errors import SinkError
 from ..hookspecs import SinkContext, hookimpl
 from ..records import Artifact, Batch
-from ..redact import redact
+from ..redact import redact, redact_uri
 from .base import Sink
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ class MlflowSink(Sink):
             check_reply(resp, f"artifact upload of {name!r}", json_object=False)
 
     def __repr__(self) -> str:
-        return f"<MlflowSink {_redact(self.tracking_uri)!r}>"
+        return f"<MlflowSink {redact(self.tracking_uri)!r}>"
 
 
 def _json_number(v: float) -> str:
@@ -349,8 +349,9 @@ def _looks_transient(exc: BaseException) -> bool:
                                    "connection reset", "could not connect", "too many connections"))
 
 
-#: Kept for callers of the old private name; use :func:`mlflow_er.redact.redact`.
-_redact = redact
+#: Kept for callers of the old private name: deterministic URI-only redaction (the sync state key
+#: hashes it). For messages use :func:`mlflow_er.redact.redact`.
+_redact = redact_uri
 
 
 # -- plugin hooks ------------------------------------------------------------------------
