@@ -49,6 +49,10 @@ class UnknownPlugin(MlflowErError, LookupError):
 class TrackingUnavailable(MlflowErError, ConnectionError):
     """The tracking URI cannot be used: a missing local path or a server that does not answer."""
 
+    #: What went wrong (set by :mod:`mlflow_er.probe`): ``"refused"``, ``"timeout"``, ``"dns"``,
+    #: ``"tls"``, ``"scheme"``, ``"missing"`` or ``"error"``.
+    kind: str = "error"
+
 
 class ExperimentNotFound(MlflowErError, LookupError):
     """No experiment matched and creating one was not allowed (``create_new=False``)."""

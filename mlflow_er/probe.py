@@ -92,7 +92,7 @@ def check_scheme(uri: str) -> None:
 
 def _unavailable(kind: str, message: str) -> TrackingUnavailable:
     exc = TrackingUnavailable(redact(message))
-    exc.kind = kind  # type: ignore[attr-defined]
+    exc.kind = kind
     return exc
 
 

@@ -78,7 +78,7 @@ def test_any_http_answer_means_reachable_and_redirects_are_not_followed(fault_se
 def test_connection_refused_says_start_a_server_or_log_offline() -> None:
     port = free_port()
     exc = _fails(_with_creds(f"http://127.0.0.1:{port}"))
-    assert exc.kind == "refused"  # type: ignore[attr-defined]
+    assert exc.kind == "refused"
     text = str(exc)
     assert f"http://***@127.0.0.1:{port}" in text and "connection refused" in text
     assert f"`mlflow server --host 127.0.0.1 --port {port}`" in text and OFFLINE in text
@@ -87,7 +87,7 @@ def test_connection_refused_says_start_a_server_or_log_offline() -> None:
 def test_server_that_never_answers_is_a_timeout_with_its_next_step(silent_listener: socket.socket) -> None:
     port = silent_listener.getsockname()[1]
     exc = _fails(_with_creds(f"http://127.0.0.1:{port}"), timeout=1.0)
-    assert exc.kind == "timeout"  # type: ignore[attr-defined]
+    assert exc.kind == "timeout"
     text = str(exc)
     assert f"http://***@127.0.0.1:{port}" in text and "no answer within 1s" in text
     assert "/health" in text and OFFLINE in text
@@ -110,7 +110,7 @@ def unresolvable(monkeypatch: pytest.MonkeyPatch) -> str:
 
 def test_unknown_host_name_says_check_the_host_name(unresolvable: str) -> None:
     exc = _fails(_with_creds(f"http://{unresolvable}:5000"))
-    assert exc.kind == "dns"  # type: ignore[attr-defined]
+    assert exc.kind == "dns"
     text = str(exc)
     assert f"http://***@{unresolvable}:5000" in text and repr(unresolvable) in text
     assert "Check the host name" in text and OFFLINE in text
@@ -131,13 +131,13 @@ def test_a_hanging_name_lookup_is_bounded(monkeypatch: pytest.MonkeyPatch) -> No
         exc = _fails("http://slow.example:5000", timeout=0.5)
     finally:
         release.set()
-    assert exc.kind == "timeout"  # type: ignore[attr-defined]
+    assert exc.kind == "timeout"
 
 
 def test_tls_to_a_plain_http_server_says_use_http(fault_server: FaultServer) -> None:
     uri = _with_creds(fault_server.uri.replace("http://", "https://"))
     exc = _fails(uri)
-    assert exc.kind == "tls"  # type: ignore[attr-defined]
+    assert exc.kind == "tls"
     text = str(exc)
     assert "TLS handshake failed" in text and "use http://" in text
     assert "MLFLOW_TRACKING_SERVER_CERT_PATH" in text and OFFLINE in text
@@ -184,7 +184,7 @@ def test_unknown_scheme_is_one_line_with_a_suggestion(uri: str, suggestion: str)
     with pytest.raises(TrackingUnavailable) as info:
         normalize_tracking_uri(uri)
     text = str(info.value)
-    assert info.value.kind == "scheme" and "\n" not in text  # type: ignore[attr-defined]
+    assert info.value.kind == "scheme" and "\n" not in text
     assert "unknown scheme" in text and suggestion in text and SECRET not in text
 
 
