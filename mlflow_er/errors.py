@@ -49,6 +49,10 @@ class UnknownPlugin(MlflowErError, LookupError):
 class TrackingUnavailable(MlflowErError, ConnectionError):
     """The tracking URI cannot be used: a missing local path or a server that does not answer."""
 
+    #: What went wrong (set by :mod:`mlflow_er.probe`): ``"refused"``, ``"timeout"``, ``"dns"``,
+    #: ``"tls"``, ``"scheme"``, ``"missing"`` or ``"error"``.
+    kind: str = "error"
+
 
 class ExperimentNotFound(MlflowErError, LookupError):
     """No experiment matched and creating one was not allowed (``create_new=False``)."""
@@ -107,12 +111,19 @@ class DeliveryError(MlflowErError):
 
 
 class SinkError(MlflowErError):
-    """A sink could not write. ``transient`` tells a backend whether retrying may help."""
+    """A sink could not write. ``transient`` tells a backend whether retrying may help.
 
-    def __init__(self, message: str, transient: bool = False, retry_after: float | None = None):
+    ``whole_run``: the store no longer accepts writes to the batch's run (deleted, not found, not
+    active), so every later record of that run would fail the same way: fail them in bulk instead
+    of bisecting and retrying each.
+    """
+
+    def __init__(self, message: str, transient: bool = False, retry_after: float | None = None,
+                 whole_run: bool = False):
         super().__init__(message)
         self.transient = transient
         self.retry_after = retry_after
+        self.whole_run = whole_run
 
 
 class BackendClosed(MlflowErError):

@@ -162,12 +162,12 @@ class Run:
         dest = check_artifact_path(artifact_path)
         if os.path.isdir(local_path):
             raise InvalidRecord("artifact local_path", f"{str(local_path)!r} is a directory; use log_artifacts")
-        if not os.path.exists(local_path):
-            raise InvalidRecord("artifact local_path", f"{str(local_path)!r} does not exist")
+        # stat only, nothing opened: a FIFO, socket or device is refused before it can block
+        st = artifacts.check_source(local_path)
         name = os.path.basename(os.fspath(local_path))
         if not self._snapshots:
             self._submit(Artifact(self.run_id, os.fspath(local_path), dest, time.time_ns() // 1_000_000,
-                                  next(self._seq), False, False, None, name, os.path.getsize(local_path)))
+                                  next(self._seq), False, False, None, name, st.st_size))
             return
         snap, _, size, fp = artifacts.snapshot(local_path)
         self._submit(Artifact(self.run_id, snap, dest, time.time_ns() // 1_000_000, next(self._seq), True,
@@ -180,6 +180,7 @@ class Run:
             raise InvalidRecord("artifact local_dir", f"{str(local_dir)!r} is not a directory")
         name = os.path.basename(os.fspath(local_dir))
         if not self._snapshots:
+            artifacts.check_source(local_dir, "artifact local_dir")  # no FIFO, socket or device inside
             self._submit(Artifact(self.run_id, os.fspath(local_dir), dest, time.time_ns() // 1_000_000,
                                   next(self._seq), False, True, None, name, 0))
             return
@@ -192,6 +193,10 @@ class Run:
             raise InvalidRecord("artifact_file", f"{artifact_file!r} must be a file name, e.g. 'plots/loss.png'")
         folder, name = posixpath.split(artifact_file)
         dest = check_artifact_path(folder)
+        if kind == "json":
+            # Serialise now: an object that cannot be written fails at the call (InvalidRecord
+            # naming the file), not later in the writer, and the text is cheaper to queue.
+            kind, content = "text", artifacts.dump_dict(content, artifact_file)
         self._submit(Artifact(self.run_id, None, dest, time.time_ns() // 1_000_000, next(self._seq), True,
                               False, (kind, content), name))
 

@@ -7,6 +7,7 @@ in steady state a key costs one set lookup.
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 import posixpath
@@ -51,7 +52,17 @@ def check_key(key: object, field: str = "metric key") -> str:
 
 
 def check_metric_value(key: str, value: object) -> float:
-    """Return ``value`` as a float. NaN and ±inf are kept (MLflow stores ±inf as ±max float)."""
+    """Return ``value`` as a float. NaN and ±inf are kept (MLflow stores ±inf as ±max float).
+
+    Accepted: real numbers (not bool), ``decimal.Decimal`` (MLflow takes any number it can
+    turn into a float), and objects whose ``.item()`` gives one (numpy scalars, 0-d arrays,
+    one-element tensors). An ``.item()`` that raises is reported as :class:`InvalidRecord`.
+    """
+    if isinstance(value, decimal.Decimal):
+        try:
+            return float(value)
+        except (ValueError, OverflowError) as exc:  # a signalling NaN
+            raise InvalidRecord(f"metric value for {key!r}", f"{value!r:.60} is not a float64 value") from exc
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         # numpy scalars and 0-d arrays expose .item(); accept them if they hold a real number
         item = getattr(value, "item", None)
@@ -60,8 +71,14 @@ def check_metric_value(key: str, value: object) -> float:
                 inner = item()
             except (ValueError, TypeError):
                 inner = None
+            except Exception as exc:  # e.g. a tensor on a failed device: name the key, keep the cause
+                raise InvalidRecord(f"metric value for {key!r}",
+                                    f"{type(value).__name__}.item() raised {type(exc).__name__}: {exc}"[:300]
+                                    ) from exc
             if isinstance(inner, numbers.Real) and not isinstance(inner, bool):
                 return float(inner)
+            if isinstance(inner, decimal.Decimal):
+                return check_metric_value(key, inner)
         raise InvalidRecord(
             f"metric value for {key!r}",
             f"must be a real number (int or float, not bool), got {type(value).__name__} {value!r:.60}",
@@ -88,7 +105,7 @@ def check_timestamp(key: str, timestamp: object) -> int:
         isinstance(timestamp, float) and not math.isfinite(timestamp)
     ):
         raise InvalidRecord(f"timestamp for {key!r}", f"must be an int (ms), got {timestamp!r:.60}")
-    ts = int(timestamp)
+    ts = int(timestamp)  # type: ignore[call-overload]  # a numbers.Real: int() works on every one
     if not 0 <= ts <= INT64_MAX:
         raise InvalidRecord(f"timestamp for {key!r}", f"{ts} is out of range", "0 <= timestamp (ms) <= int64 max")
     return ts

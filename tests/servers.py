@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import io
 import json
 import os
 import signal
@@ -246,6 +247,8 @@ class Reply:
             models "rejected before commit"; pass ``forward=True`` for "committed, but the
             client saw an error").
         disconnect: close the connection without any response (after forward/delay).
+        mode: answer as a proxy that is not MLflow would, one of :data:`PROXY_MODES`
+            (overrides everything above).
     """
 
     status: int | None = None
@@ -254,6 +257,23 @@ class Reply:
     delay: float = 0.0
     forward: bool | None = None
     disconnect: bool = False
+    mode: str | None = None
+
+
+#: How a proxy in front of MLflow can answer instead of MLflow (``Reply(mode=...)`` or
+#: ``FaultServer.set_mode``):
+#:
+#: * ``login-redirect`` — 302 to ``/login`` (which serves an HTML sign-in page with 200);
+#: * ``html`` — 200 with an HTML page;
+#: * ``wrong-content-type`` — 200 ``{}`` but ``text/plain``;
+#: * ``not-shape`` — 200 ``application/json`` whose body is a JSON array, not an object;
+#: * ``truncated`` — forwarded to the upstream (committed), then the reply is cut off mid-body;
+#: * ``stall`` — the request is read and never answered (until ``stop()``);
+#: * ``reset`` — the connection is reset (TCP RST) instead of an answer.
+PROXY_MODES = ("login-redirect", "html", "wrong-content-type", "not-shape", "truncated", "stall", "reset")
+
+LOGIN_PAGE = (b"<!DOCTYPE html><html><head><title>Sign in</title></head><body><form method='post' "
+              b"action='/login'><input name='user'><input name='password' type='password'></form></body></html>")
 
 
 @dataclass
@@ -345,6 +365,7 @@ class FaultServer:
         self._requests: list[RecordedRequest] = []
         self._fail_until = 0.0
         self._fail_reply = Reply(status=503)
+        self._mode: str | None = None
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -367,6 +388,13 @@ class FaultServer:
         with self._lock:
             self._fail_reply = Reply(status=status, headers=headers, body=body, forward=False)
             self._fail_until = time.monotonic() + seconds
+
+    def set_mode(self, mode: str | None) -> None:
+        """Answer every (matching) request in proxy ``mode`` (see :data:`PROXY_MODES`) until set to ``None``."""
+        if mode is not None and mode not in PROXY_MODES:
+            raise ValueError(f"unknown proxy mode {mode!r}; one of {PROXY_MODES}")
+        with self._lock:
+            self._mode = mode
 
     @property
     def pending(self) -> int:
@@ -426,7 +454,9 @@ class FaultServer:
         with self._lock:
             if time.monotonic() < self._fail_until:
                 return self._fail_reply
-            return self._script.popleft() if self._script else None
+            if self._script:
+                return self._script.popleft()
+            return Reply(mode=self._mode) if self._mode else None
 
     def _forward(self, h: _Handler, raw: bytes) -> tuple[int, dict[str, str], bytes]:
         assert self.upstream is not None
@@ -463,7 +493,13 @@ class FaultServer:
         with self._lock:
             self._requests.append(rec)
 
+        if parsed.path == "/login":  # where the login-redirect mode sends clients that follow it
+            self._send(h, rec, 200, {"Content-Type": "text/html; charset=utf-8"}, LOGIN_PAGE)
+            return
         reply = self._choose(parsed.path)
+        if reply is not None and reply.mode is not None:
+            self._answer_as_proxy(h, rec, reply.mode, raw)
+            return
         if reply is None:
             reply = Reply(forward=self.upstream is not None)
         forward = reply.forward
@@ -501,6 +537,50 @@ class FaultServer:
             h.wfile.write(payload)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timed out) before we answered: that is the point
+
+    def _send(self, h: _Handler, rec: RecordedRequest, status: int, headers: Mapping[str, str], payload: bytes,
+              length: int | None = None) -> None:
+        rec.status = status
+        try:
+            h.send_response(status)
+            for name, value in headers.items():
+                h.send_header(name, value)
+            h.send_header("Content-Length", str(len(payload) if length is None else length))
+            h.end_headers()
+            h.wfile.write(payload)
+            h.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _answer_as_proxy(self, h: _Handler, rec: RecordedRequest, mode: str, raw: bytes) -> None:
+        html = {"Content-Type": "text/html; charset=utf-8"}
+        if mode == "login-redirect":
+            target = f"http://{HOST}:{h.server.server_address[1]}/login?next={urllib.parse.quote(rec.path)}"
+            self._send(h, rec, 302, {**html, "Location": target}, b"<html><body>Redirecting to sign in</body></html>")
+        elif mode == "html":
+            self._send(h, rec, 200, html, LOGIN_PAGE)
+        elif mode == "wrong-content-type":
+            self._send(h, rec, 200, {"Content-Type": "text/plain"}, b"{}")
+        elif mode == "not-shape":
+            self._send(h, rec, 200, {"Content-Type": "application/json"}, b'["ok"]')
+        elif mode == "truncated":
+            status, up_headers, payload = self._forward(h, raw) if self.upstream else (200, {}, b"{}")
+            rec.forwarded = self.upstream is not None
+            body = payload + b" " * 64  # the promised length is longer than what is sent
+            self._send(h, rec, status, {"Content-Type": up_headers.get("Content-Type", "application/json")},
+                       body[: len(body) // 2], length=len(body))
+            h.close_connection = True
+        elif mode == "stall":
+            self._stopping.wait(3600)
+            h.close_connection = True
+        elif mode == "reset":
+            # SO_LINGER with a zero timeout: close() sends RST, the client sees ECONNRESET.
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            h.close_connection = True
+            h.connection.close()
+            h.wfile = io.BytesIO()  # the handler's finish() flushes it: nothing left to send
+        else:  # pragma: no cover - set_mode validates
+            raise ValueError(mode)
 
     @staticmethod
     def _default_body(path: str, rec: RecordedRequest) -> Any:

@@ -367,3 +367,34 @@ def test_validated_keys_are_cached(run: Run, monkeypatch: pytest.MonkeyPatch) ->
             run.log_metric("not$cached", 1.0)
     assert counter.calls == 5
     assert "not$cached" not in validation._VALID_KEYS
+
+
+# -- issue 10 item 19: Decimal as MLflow takes it; an .item() that raises ----------------------------
+def test_metric_decimal_accepted_as_mlflow_does(run: Run) -> None:
+    from decimal import Decimal
+
+    key = uniq("dec")
+    run.log_metric(key, Decimal("0.125"))  # type: ignore[arg-type]
+    run.log_metrics({f"{key}_many": Decimal("-3")}, step=1)  # type: ignore[dict-item]
+    data = stored(run)
+    assert data.metrics[key] == 0.125 and data.metrics[f"{key}_many"] == -3.0
+    with pytest.raises(InvalidRecord, match=key):
+        run.log_metric(f"{key}_snan", Decimal("sNaN"))  # type: ignore[arg-type]
+
+
+class _BrokenTensor:
+    """Stands for a tensor whose ``.item()`` fails (e.g. a CUDA error surfacing at the sync)."""
+
+    def item(self) -> float:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_metric_whose_item_raises_is_an_invalid_record_naming_the_key(run: Run) -> None:
+    key = uniq("tensor")
+    with pytest.raises(InvalidRecord) as info:
+        run.log_metric(key, _BrokenTensor())  # type: ignore[arg-type]
+    assert key in str(info.value) and "_BrokenTensor.item() raised RuntimeError" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(InvalidRecord, match=key):
+        run.log_metrics({key: _BrokenTensor()})  # type: ignore[dict-item]
+    assert key not in stored(run).metrics
