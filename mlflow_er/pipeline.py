@@ -328,9 +328,9 @@ class Pipeline:
         return str(path)
 
     def _shown_uri(self) -> str:
-        from .sinks.mlflow import _redact
+        from .redact import redact
 
-        return _redact(self.tracking_uri or "")
+        return redact(self.tracking_uri or "")
 
     def close(self, timeout: float | None = None, extra: Sequence[StreamItem] = ()) -> None:
         """Flush within ``timeout``, stop the lanes, close the sinks built by name.

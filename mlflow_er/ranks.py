@@ -298,7 +298,6 @@ class InactiveBackend(Backend):
     def __init__(self, plan: RankPlan):
         self.plan = plan
         self.discarded = 0
-        self.sinks = []
 
     def submit(self, record: Record) -> None:
         self.discarded += 1

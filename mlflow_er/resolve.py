@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 
 from .errors import ExperimentNotFound, MlflowErError
 from .hookspecs import hookimpl
+from .redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def mlflow_er_resolve_experiment(client: MlflowClient | None, experiment_name: s
     if client is None:
         return offline_experiment(experiment_name, experiment_id, tags)
     exp: Experiment | None = None
-    where = client.tracking_uri
+    where = redact(client.tracking_uri)
     if experiment_name is not None:
         exp = client.get_experiment_by_name(str(experiment_name))
         if exp is not None and exp.lifecycle_stage == LifecycleStage.DELETED:

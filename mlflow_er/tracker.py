@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,12 +18,16 @@ from mlflow.entities import LifecycleStage
 
 from . import health, plugins
 from .backends.base import Backend
-from .errors import DeliveryError, MlflowErError, Terminated, TrackingUnavailable
+from .errors import DeliveryError, MlflowErError, Terminated
 from .hookspecs import SinkContext
 from .jobs import JobRunner
 from .pipeline import Pipeline
 from .pipeline import build as build_pipeline
+from .probe import PROBE_TIMEOUT as PROBE_TIMEOUT  # re-exported: 0.2 had these here
+from .probe import normalize_tracking_uri as normalize_tracking_uri
+from .probe import probe_server as probe_server
 from .ranks import InactiveBackend, InactiveClient, RankPlan
+from .redact import redact
 from .run import Run
 from .sinks.base import Sink
 
@@ -32,7 +35,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BACKEND = "sync"
 DEFAULT_SINKS = ("mlflow",)
-PROBE_TIMEOUT = 5.0
 
 
 def git_commit() -> str:
@@ -49,46 +51,6 @@ def _needs_server(pm: Any, sink: str | Sink) -> bool:
         return bool(getattr(sink, "needs_server", True))
     answer = pm.hook.mlflow_er_sink_needs_server(name=sink)
     return True if answer is None else bool(answer)
-
-
-def normalize_tracking_uri(uri: str | None, probe: bool = True) -> str | None:
-    """Check a tracking URI early so a typo fails in seconds, not after minutes of retries."""
-    if uri is None:
-        return None
-    uri = os.fspath(uri)
-    parts = urlsplit(uri)
-    if parts.scheme in ("", "file") or (len(parts.scheme) == 1 and os.name == "nt"):
-        path = Path(parts.path if parts.scheme == "file" else uri).expanduser()
-        if not path.exists():
-            raise TrackingUnavailable(f"tracking path {str(path)!r} does not exist")
-        return path.resolve().as_uri()
-    if parts.scheme == "sqlite":
-        db = parts.path[1:]  # sqlite:///rel.db -> "rel.db", sqlite:////abs.db -> "/abs.db"
-        if db and db != ":memory:" and not Path(db).expanduser().parent.exists():
-            raise TrackingUnavailable(f"folder of the SQLite tracking store {db!r} does not exist")
-        return uri
-    if parts.scheme in ("http", "https") and probe:
-        probe_server(uri)
-    return uri
-
-
-def probe_server(uri: str, timeout: float = PROBE_TIMEOUT) -> None:
-    """Raise :class:`TrackingUnavailable` unless something answers HTTP at ``uri`` within ``timeout``."""
-    import urllib.error
-    import urllib.request
-
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout):
-            return
-    except urllib.error.HTTPError:
-        return  # it answered (401/403/404 ...): the server is there
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        from .sinks.mlflow import _redact
-
-        raise TrackingUnavailable(f"tracking server {_redact(uri)} does not answer within {timeout:.0f}s: "
-                                  f"{reason}") from exc
 
 
 class ExperimentTracker:
@@ -261,10 +223,8 @@ class ExperimentTracker:
         return self._experiment.creation_time
 
     def __repr__(self) -> str:
-        from .sinks.mlflow import _redact
-
         e = self._experiment
-        return (f"ExperimentTracker(name={e.name!r}, id={e.experiment_id!r}, uri={_redact(self._uri)!r}, "
+        return (f"ExperimentTracker(name={e.name!r}, id={e.experiment_id!r}, uri={redact(self._uri)!r}, "
                 f"artifact_location={e.artifact_location!r}, git_commit={self.git_commit!r}, "
                 f"backend={self._backend.name!r}, sinks={[s.name for s in self.sinks]!r})")
 
@@ -433,9 +393,7 @@ class ExperimentTracker:
         return pipeline.keep_location() if isinstance(pipeline, Pipeline) else "a folder under the staging directory"
 
     def _shown_uri(self) -> str:
-        from .sinks.mlflow import _redact
-
-        return _redact(self._uri)
+        return redact(self._uri)
 
     def _end_mlflow_run(self, run_id: str, status: str, budget: float) -> None:
         """Take the run off MLflow's active-run stack (wherever it is) and store its status, bounded.
@@ -466,6 +424,10 @@ class ExperimentTracker:
         if monitor is not None:
             monitor.finish()
         errors: list[BaseException] = []
+
+        if urlsplit(self._uri).password:
+            # MLflow prints "View run ... at <tracking URI>" here: never with a password in it.
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
         def terminate() -> None:
             try:

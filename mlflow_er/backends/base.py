@@ -78,11 +78,15 @@ class Backend:
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every record submitted before the call is delivered or has failed."""
-        self.pipeline.flush(timeout)
+        pipeline = getattr(self, "pipeline", None)
+        if pipeline is not None:  # never opened: nothing was submitted
+            pipeline.flush(timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """Flush, then stop and close the pipeline. A closed backend may be opened again."""
-        self.pipeline.close(timeout)
+        pipeline = getattr(self, "pipeline", None)
+        if pipeline is not None:
+            pipeline.close(timeout)
 
     def stats(self) -> dict[str, Any]:
         """Health counters: queued, delivered, dropped (by reason), retries, failed, ..."""

@@ -140,7 +140,7 @@ class Store:
 
     def describe(self) -> dict[str, str]:
         """What the JSON output says about the store (credentials never appear)."""
-        from ..sinks.mlflow import _redact
+        from ..redact import redact as _redact
 
         return {"kind": self.kind, "uri": _redact(self.uri)}
 
