@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from .format import OPEN_SUFFIX, SEALED_SUFFIX, SEGMENTS_DIR, Damage, Frame, decode_header, scan
+from .format import OPEN_SUFFIX, SEALED_SUFFIX, SEGMENTS_DIR, Damage, Frame, parse_header, scan
 
 try:
     import fcntl
@@ -86,9 +86,12 @@ def recover_segments(root: str | os.PathLike[str]) -> list[Path]:
                 path.unlink()  # its writer died while creating it: a header at most
                 continue
             data = path.read_bytes()
-            _header, start, _problem = decode_header(data)
+            header = parse_header(data)
+            if header.unsupported:
+                log.warning("spool: left %s as it is: written by a newer mlflow-er (%s)", path.name, header.problem)
+                continue
             frames, cut = 0, None
-            for item in scan(data, start):
+            for item in scan(data, header.end, header.framing):
                 if type(item) is Frame:
                     frames += 1
                 elif type(item) is Damage and item.torn:
