@@ -162,8 +162,8 @@ def test_rotation_by_size_and_age(tmp_path: Path) -> None:
 def test_cut_at_every_byte_of_last_record(tmp_path: Path) -> None:
     records = metrics(5) + [Tag(RUN, "t", "last-value", TS, 99)]
     data = sealed_segment(tmp_path, records).read_bytes()
-    last_start, last_end = frame_offsets(data)[-1]
-    assert last_end == len(data)
+    (last_start, last_end), (end_start, end_end) = frame_offsets(data)[-2:]  # the last record, the END frame
+    assert end_end == len(data) and end_start == last_end
     for cut in range(last_start, last_end):
         root = tmp_path / f"cut{cut}"
         put_segment(root, data[:cut])
@@ -171,19 +171,22 @@ def test_cut_at_every_byte_of_last_record(tmp_path: Path) -> None:
             warnings.simplefilter("always")
             got, reader = read_all(root)
         assert got == records[:-1], cut
-        if cut == last_start:
-            assert reader.gaps == []
+        (gap,) = reader.gaps
+        if cut == last_start:  # cut at a frame boundary: the missing END frame tells it was cut
+            assert (gap.offset, gap.length, gap.reason) == (cut, 0, "truncated (its END frame is missing)")
         else:
-            (gap,) = reader.gaps
             assert (gap.offset, gap.length, gap.reason) == (last_start, cut - last_start, "torn-tail")
-            assert all(issubclass(c.category, SpoolWarning) for c in caught) and caught
+        assert all(issubclass(c.category, SpoolWarning) for c in caught) and caught
         # The same file left open by a dead writer: recovery cuts the tail and seals it, silently.
         open_root = tmp_path / f"open{cut}"
         put_segment(open_root, data[:cut], "0000000000001-bbbbbbbbbbbb-000000.open")
         SpoolWriter(open_root, fsync_interval=None).close()
         (sealed,) = (open_root / "segments").glob("*.seg")
-        assert sealed.stat().st_size == last_start
-        assert read_all(open_root)[0] == records[:-1]
+        assert sealed.stat().st_size == last_start + (end_end - end_start)  # cut, then an END frame added
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got, reader = read_all(open_root)
+        assert got == records[:-1] and reader.gaps == []
 
 
 def test_flipped_bit_mid_file_loses_only_that_record(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from .format import OPEN_SUFFIX, SEALED_SUFFIX, SEGMENTS_DIR, Damage, Frame, parse_header, scan
+from .format import OPEN_SUFFIX, SEALED_SUFFIX, SEGMENTS_DIR, Damage, Frame, end_frame, is_end, parse_header, scan
 
 try:
     import fcntl
@@ -90,10 +90,11 @@ def recover_segments(root: str | os.PathLike[str]) -> list[Path]:
             if header.unsupported:
                 log.warning("spool: left %s as it is: written by a newer mlflow-er (%s)", path.name, header.problem)
                 continue
-            frames, cut = 0, None
+            frames, cut, last, ended = 0, None, -1, False
             for item in scan(data, header.end, header.framing):
                 if type(item) is Frame:
                     frames += 1
+                    last, ended = item.index, is_end(item.payload)
                 elif type(item) is Damage and item.torn:
                     cut = item.start
             if frames == 0:
@@ -104,6 +105,9 @@ def recover_segments(root: str | os.PathLike[str]) -> list[Path]:
                 os.ftruncate(fd, cut)
                 log.warning("spool: cut a torn tail of %d bytes from %s (a writer died mid-write)",
                             len(data) - cut, path.name)
+            if header.framing is not None and header.framing.version >= 2 and not ended:
+                os.lseek(fd, 0, os.SEEK_END)
+                os.write(fd, end_frame(header.framing, last + 1))  # sealed like a writer seals
             os.fsync(fd)
             sealed = path.with_suffix(SEALED_SUFFIX)
             os.rename(path, sealed)

@@ -21,6 +21,7 @@ A segment is a header followed by frames (all integers little-endian)::
       TAG       3        seq q, timestamp q, key_len u16         | key | value
       ARTIFACT  4        seq q, timestamp q                       | json
       RUN_INFO  5        seq q, timestamp q                       | json
+      END       6        frames u32      (the last frame of every sealed v2 segment)
 
 Why a resync can never import a frame found inside another record's payload: after
 damage the reader searches for the next frame mark and accepts a candidate only if (1)
@@ -30,7 +31,9 @@ segment) is higher than the last frame accepted. A byte sequence inside a param 
 value that looks like a frame was written by the user's code, which never sees the salt:
 it fails (1) except by a 2^-32 accident. A real frame of the same segment copied into a
 payload, or a block duplicated by a filesystem, fails (2). The index also tells how many
-frames a gap lost. A single flipped bit cannot turn damaged bytes into a valid frame
+frames a gap lost. A sealed segment ends with an END frame, so a segment
+cut exactly at a frame boundary is reported as truncated instead of looking complete.
+A single flipped bit cannot turn damaged bytes into a valid frame
 (CRC32 detects every 1- and 2-bit error), so any single bit flip or truncation yields
 only records that were written, plus reported gaps (a hypothesis test checks it).
 
@@ -86,6 +89,20 @@ from .framing import (  # noqa: F401 - re-exported: the format's public names li
 )
 
 METRIC, PARAM, TAG, ARTIFACT, RUN_INFO = 1, 2, 3, 4, 5
+#: Closes a sealed segment: its absence at the end of a sealed v2 segment means it was cut short.
+END = 6
+_END = struct.Struct("<BI")  # kind, frames before it
+
+
+def end_frame(framing: Framing, index: int) -> bytes:
+    """The END frame that seals a segment holding ``index`` frames."""
+    p = _END.pack(END, index)
+    return framing.frame(p, framing.payload_crc(p), index) + p
+
+
+def is_end(payload: bytes | memoryview) -> bool:
+    """True for the payload of an END frame."""
+    return len(payload) == _END.size and payload[0] == END
 _M = struct.Struct("<BHqqqd")  # kind, run_len, seq, timestamp, step, value
 _KV = struct.Struct("<BHqqH")  # kind, run_len, seq, timestamp, key_len
 _J = struct.Struct("<BHqq")  # kind, run_len, seq, timestamp

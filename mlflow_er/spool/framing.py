@@ -137,10 +137,16 @@ def parse_header(buf: bytes | memoryview) -> Header:
     n = len(buf)
     if n < HEADER_V1.size:
         short = bytes(buf[:n]) == MAGIC[:n]
-        return Header(None, 0, "short" if short else "bad magic", None, None if short else V1_FRAMING)
+        return Header(None, 0, "short" if short else "bad magic", None, None)
     magic, version, _flags = struct.unpack_from("<8sHH", buf, 0)
     if magic != MAGIC:
-        return Header(None, 0, "bad magic", None, V1_FRAMING)
+        # Guess the framing from the version field: reading v2 frames by v1 rules would accept
+        # unsalted look-alikes inside payloads. A wrong guess finds nothing, which is reported.
+        if version == 1:
+            return Header(None, 0, "bad magic", None, V1_FRAMING)
+        if n < HEADER_V2_SIZE:
+            return Header(None, 0, "bad magic", None, None)
+        return Header(None, HEADER_V2_SIZE, "bad magic", None, Framing(2, bytes(buf[12:20])))
     if version == 1:
         _, _, _, length, crc = HEADER_V1.unpack_from(buf, 0)
         end = HEADER_V1.size + length

@@ -27,6 +27,7 @@ from .format import (
     Header,
     SpoolRecord,
     decode_payload,
+    is_end,
     parse_header,
     scan,
     segment_sort_key,
@@ -177,7 +178,7 @@ class SpoolReader:
         if h.unsupported:
             self.unsupported[seg.name] = int(h.version or 0)
             self._gap(seg, 0, seg.size, f"unsupported-version ({h.problem}: upgrade mlflow-er to read it)", warn=True)
-        elif h.problem is not None and nonempty and not (h.problem == "short" and not seg.sealed):
+        elif h.problem is not None and (nonempty or seg.sealed) and not (h.problem == "short" and not seg.sealed):
             self._gap(seg, 0, 0, f"bad-header ({h.problem})", warn=True)
 
     def _gap(self, seg: Segment, offset: int, length: int, reason: str, warn: bool, lost: int = -1) -> None:
@@ -208,7 +209,11 @@ class SpoolReader:
             return
         if h.framing is None:  # a header cut short: a writer that has not written one whole yet
             return
+        ended = False
         for item in scan(data, offset0, h.framing, start.index if start is not None else -1):
+            if type(item) is not Damage and is_end(item.payload):
+                ended = True
+                continue
             if type(item) is Damage:
                 if item.torn and not seg.sealed:
                     self.open_tails[seg.name] = item.end - item.start
@@ -227,6 +232,9 @@ class SpoolReader:
                 self._gap(seg, base + item.start, item.end - item.start, "unknown-kind", warn=True)
                 continue
             yield record, Position(seg.name, base + item.end, count, item.index)
+        if seg.sealed and h.framing.version >= 2 and not ended and not any(
+                g.segment == seg.name and g.reason == "torn-tail" for g in self.gaps):
+            self._gap(seg, base + len(data), 0, "truncated (its END frame is missing)", warn=True)
 
     def records(self, after: Position | None = None) -> Iterator[tuple[SpoolRecord, Position]]:
         """Every record after ``after`` (default: after the consumed cursor), in write order."""

@@ -38,6 +38,7 @@ from .format import (
     SpoolRecord,
     encode_header,
     new_salt,
+    end_frame,
     segment_name,
 )
 
@@ -295,6 +296,9 @@ class SpoolWriter:
         """fsync, rename to ``.seg`` and close the current segment; ``None`` if it held no record."""
         fd, path = self._fd, self._path
         assert fd is not None and path is not None
+        if self._offset > self._data_start:
+            # The END frame: a reader can then tell a complete sealed segment from one cut short.
+            self._write_locked(end_frame(self._framing, self._frame_index))
         try:
             os.fsync(fd)
         except OSError as exc:
