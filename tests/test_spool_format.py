@@ -55,6 +55,8 @@ def frame_offsets(data: bytes) -> list[tuple[int, int]]:
 
 def put_segment(root: Path, data: bytes, name: str = "0000000000001-aaaaaaaaaaaa-000000.seg") -> Path:
     (root / "segments").mkdir(parents=True, exist_ok=True)
+    for d in (root, root / "segments"):
+        d.chmod(0o700)  # made by hand: a writer refuses a spool folder open to other users
     p = root / "segments" / name
     p.write_bytes(data)
     return p

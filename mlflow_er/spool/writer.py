@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from .context import run_context
 from .errors import SpoolError, SpoolWriteError, write_error
 from .files import O_CLOEXEC, TMP_PREFIX, fsync_dir, make_spool_dir, recover_segments, try_lock
 from .format import (
@@ -37,8 +38,8 @@ from .format import (
     Framing,
     SpoolRecord,
     encode_header,
-    new_salt,
     end_frame,
+    new_salt,
     segment_name,
 )
 
@@ -92,7 +93,8 @@ class SpoolWriter:
         self.segment_age = segment_age
         self.on_seal = on_seal
         self._meta = {"writer_id": self.writer_id, "role": role, "experiment_id": experiment_id,
-                      "experiment_name": experiment_name, "host": socket.gethostname(), "pid": os.getpid()}
+                      "experiment_name": experiment_name, "host": socket.gethostname(), "pid": os.getpid(),
+                      "context": run_context()}
         self._encoder = Encoder()
         self._salt = new_salt()
         self._framing = Framing(2, self._salt)
