@@ -24,7 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -345,6 +345,8 @@ class FaultServer:
         self._requests: list[RecordedRequest] = []
         self._fail_until = 0.0
         self._fail_reply = Reply(status=503)
+        #: Optional: picks a reply from the request itself (body included); ``None`` falls through to the rest.
+        self.responder: Callable[[RecordedRequest], Reply | None] | None = None
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -463,7 +465,9 @@ class FaultServer:
         with self._lock:
             self._requests.append(rec)
 
-        reply = self._choose(parsed.path)
+        reply = self.responder(rec) if self.responder is not None else None
+        if reply is None:
+            reply = self._choose(parsed.path)
         if reply is None:
             reply = Reply(forward=self.upstream is not None)
         forward = reply.forward
