@@ -303,7 +303,6 @@ class Replayer:
         intent = (prog or {}).get("intent")
         # Records up to this offset may have been sent by an interrupted sync: checked before re-sending.
         suspect_until = int(intent["end"]) if isinstance(intent, dict) and "end" in intent else -1
-        gaps_before = len(self.reader.gaps)
         failed: list[FailedRecord] = []
         chunk: list = []
         pos = chunk_start = start
@@ -315,7 +314,7 @@ class Replayer:
         if chunk:
             assert pos is not None
             failed += self._send_chunk(seg, chunk, chunk_start, pos, header, prog, failed, suspect_until)
-        gaps = self.reader.gaps[gaps_before:]
+        gaps = [g for g in self.reader.gaps if g.segment == seg.name]  # its header's damage included
         self.report.gaps += gaps
         self.report.failed += failed
         self.report.segments += 1

@@ -119,6 +119,8 @@ def put_verified(fs: Any, local: Path, remote: str, verify: str = "crc") -> bool
     target = remote if atomic else f"{remote}.tmp-{uuid.uuid4().hex}"
     try:
         fs.put_file(str(local), target)
+        if is_local(fs):
+            os.chmod(target, 0o600)  # a local copy is as private as the spool, whatever the umask
         if not _matches(fs, target, size, crc, verify):
             raise SpoolUploadError(f"verification of {target} failed (size or CRC differs from {local})")
         if not atomic:
