@@ -142,7 +142,7 @@ def recover_segments(root: str | os.PathLike[str]) -> list[Path]:
             for item in scan(data, header.end, header.framing):
                 if type(item) is Frame:
                     frames += 1
-                    last, ended = item.index, is_end(item.payload)
+                    last, ended = item.number, is_end(item.payload)
                 elif type(item) is Damage and item.torn:
                     cut = item.start
             if frames == 0:

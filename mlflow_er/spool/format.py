@@ -181,19 +181,19 @@ class Encoder:
     def payload(self, r: SpoolRecord) -> bytes:
         """The payload of one record (no frame)."""
         t = type(r)
-        if t is Metric:
+        if isinstance(r, Metric):
             return _M.pack(METRIC, len(self._run(r.run_id)), r.seq, r.timestamp, r.step, r.value) + \
                 self._tail(r.run_id, r.key)
-        if t is Param or t is Tag:
+        if isinstance(r, (Param, Tag)):
             key = r.key.encode()
             if len(key) > 0xFFFF:
                 raise FormatError("key longer than 65535 bytes")
             rb = self._run(r.run_id)
             return _KV.pack(PARAM if t is Param else TAG, len(rb), r.seq, r.timestamp, len(key)) + rb + key + \
                 r.value.encode()
-        if t is Artifact:
+        if isinstance(r, Artifact):
             return _json_payload(ARTIFACT, self._run(r.run_id), r.seq, r.timestamp, _artifact_fields(r))
-        if t is RunInfo:
+        if isinstance(r, RunInfo):
             return _json_payload(RUN_INFO, self._run(r.run_id), r.seq, r.timestamp, r.fields)
         raise FormatError(f"cannot spool a {t.__name__}")
 
@@ -207,7 +207,8 @@ class Encoder:
         for r in records:
             if type(r) is Metric:  # the hot case, inlined
                 rb = runs.get(r.run_id) or self._run(r.run_id)
-                p = m_pack(METRIC, len(rb), r.seq, r.timestamp, r.step, r.value) + tail(r.run_id, r.key)
+                p = m_pack(METRIC, len(rb), r.seq, r.timestamp, r.step, r.value) + \
+                    tail(r.run_id, r.key)  # type: ignore[union-attr]  # type() is the fast test
             else:
                 p = self.payload(r)
             add_p(p)

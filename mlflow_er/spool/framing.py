@@ -191,12 +191,13 @@ def decode_header(buf: bytes | memoryview) -> tuple[dict[str, Any] | None, int, 
 
 
 class Frame(NamedTuple):
-    """A valid frame found by :func:`scan`: payload bytes, where the frame starts and ends, its index."""
+    """A valid frame found by :func:`scan`: payload bytes, where the frame starts and ends, its index
+    (``number``; ``-1`` in v1 segments)."""
 
     start: int
     end: int
     payload: memoryview
-    index: int = -1
+    number: int = -1
 
 
 class Damage(NamedTuple):

@@ -144,10 +144,12 @@ class Lease:
 
     def busy_message(self, cur: dict[str, Any]) -> str:
         """What to tell a user whose sync found the lease held by ``cur``."""
+        ttl = float(cur["ttl"]) if isinstance(cur.get("ttl"), (int, float)) else self.ttl
         return (f"another mlflow-er sync is already syncing {self.what}: host {cur.get('host', '?')}, pid "
                 f"{cur.get('pid', '?')}, since {cur.get('since', '?')} (lease {self.path}). Wait for it to finish, "
-                f"or run again with --wait SECONDS; if that process is gone, its lease expires {self.ttl:.0f}s "
-                f"after its last renewal (at once on the same host)")
+                f"or run again with --wait SECONDS. If that process is gone, its lease is taken over at once on "
+                f"the same host, and from another host by a sync that waits longer than the lease's "
+                f"{ttl:.0f}s without seeing it renewed (--wait {ttl + 10:.0f})")
 
     # -- holding ---------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -179,7 +181,7 @@ class Lease:
                 if cur is None or cur.get("holder") != self.me["holder"]:
                     self._lost = f"the sync lease {self.path} was taken over by {cur}"
                     return
-                self.me["renewal"] = int(self.me["renewal"]) + 1
+                self.me["renewal"] = int(str(self.me["renewal"])) + 1
                 data = json.dumps(self.me).encode()
                 if is_local(self.fs):
                     from .upload import write_atomic

@@ -44,10 +44,9 @@ def missing(client: Any, batch: Batch) -> Batch:
         params = dict(client.get_run(batch.run_id).data.params)
     keep = []
     for r in records:
-        t = type(r)
-        if t is Metric and (r.timestamp, r.step, r.value) in rows[r.key]:
+        if isinstance(r, Metric) and (r.timestamp, r.step, r.value) in rows[r.key]:
             continue
-        if t is Param and params.get(r.key) == r.value:
+        if isinstance(r, Param) and params.get(r.key) == r.value:
             continue
         keep.append(r)
     if len(keep) < len(records):

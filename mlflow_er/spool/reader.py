@@ -24,6 +24,7 @@ from .format import (
     SEGMENTS_DIR,
     Damage,
     FormatError,
+    Frame,
     Header,
     SpoolRecord,
     decode_payload,
@@ -211,10 +212,10 @@ class SpoolReader:
             return
         ended = False
         for item in scan(data, offset0, h.framing, start.index if start is not None else -1):
-            if type(item) is not Damage and is_end(item.payload):
+            if isinstance(item, Frame) and is_end(item.payload):
                 ended = True
                 continue
-            if type(item) is Damage:
+            if isinstance(item, Damage):
                 if item.torn and not seg.sealed:
                     self.open_tails[seg.name] = item.end - item.start
                     continue  # a live writer mid-append (or a crash not yet recovered): not damage yet
@@ -231,7 +232,7 @@ class SpoolReader:
                 self.unknown += 1
                 self._gap(seg, base + item.start, item.end - item.start, "unknown-kind", warn=True)
                 continue
-            yield record, Position(seg.name, base + item.end, count, item.index)
+            yield record, Position(seg.name, base + item.end, count, item.number)
         if seg.sealed and h.framing.version >= 2 and not ended and not any(
                 g.segment == seg.name and g.reason == "torn-tail" for g in self.gaps):
             self._gap(seg, base + len(data), 0, "truncated (its END frame is missing)", warn=True)

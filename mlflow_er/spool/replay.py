@@ -39,14 +39,15 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from ..errors import FailedRecord
 from ..records import Artifact, Batch, Metric, Param, Tag, split_batches
-from .errors import NotASpool, SyncError, UnsupportedSpool
-from .format import ARTIFACTS_DIR, DESTINATION_FILE, SEGMENTS_DIR, SYNC_DIR, RunInfo
+from .errors import SyncError, UnsupportedSpool
+from .format import SYNC_DIR, RunInfo
 from .lease import DEFAULT_TTL, Lease
+from .paths import check_spool, unsafe_artifact
 from .reader import Position, Segment, SpoolReader, is_local
 from .runs import SOURCE_RUN_TAG, RunMap, call_with_retry
 from .upload import write_atomic
@@ -85,45 +86,6 @@ def target_key(tracking_uri: str) -> str:
     from ..sinks.mlflow import _redact
 
     return hashlib.sha256(_redact(tracking_uri).encode()).hexdigest()[:16]
-
-
-def check_spool(fs: Any, root: str, url: str) -> None:
-    """Raise :class:`NotASpool` unless ``root`` is a spool (or an upload copy of one). Never writes."""
-    root = root.rstrip("/")
-    fs.invalidate_cache()
-    if not fs.exists(root):
-        raise NotASpool(f"no spool at {url}: it does not exist (check the path; a spool is the folder the spool "
-                        f"sink writes, e.g. ./mlflow-er-spool)")
-    if not fs.isdir(root):
-        raise NotASpool(f"{url} is a file, not a spool folder (give the folder that holds {SEGMENTS_DIR}/)")
-    if not fs.isdir(f"{root}/{SEGMENTS_DIR}") and not fs.exists(f"{root}/{DESTINATION_FILE}"):
-        raise NotASpool(f"{url} is not an mlflow-er spool: it has no {SEGMENTS_DIR}/ folder (a spool written by "
-                        f"the spool sink, or its upload copy, has one); check the path")
-
-
-def unsafe_artifact(root: str, rel: str | None, local: bool) -> str | None:
-    """Why an artifact record's snapshot path must not be read (``None`` when it is inside ``artifacts/``)."""
-    if not rel:
-        return "names no snapshot"
-    p = PurePosixPath(rel)
-    if p.is_absolute() or Path(rel).is_absolute():
-        return f"names an absolute path ({rel}), outside the spool's {ARTIFACTS_DIR}/ folder"
-    if ".." in p.parts:
-        return f"climbs out of the spool with '..' ({rel})"
-    if len(p.parts) < 2 or p.parts[0] != ARTIFACTS_DIR:
-        return f"is outside the spool's {ARTIFACTS_DIR}/ folder ({rel})"
-    if local:
-        base = os.path.realpath(os.path.join(root, ARTIFACTS_DIR))
-        real = os.path.realpath(os.path.join(root, rel))
-        if not real.startswith(base + os.sep):
-            return f"resolves through a symlink to {real}, outside the spool's {ARTIFACTS_DIR}/ folder"
-        if os.path.isdir(real):
-            for dirpath, dirnames, filenames in os.walk(real):
-                for name in dirnames + filenames:
-                    target = os.path.realpath(os.path.join(dirpath, name))
-                    if not target.startswith(base + os.sep):
-                        return f"holds {os.path.join(dirpath, name)}, a symlink out of the spool"
-    return None
 
 
 @dataclass
@@ -440,7 +402,7 @@ class Replayer:
             else:
                 if self._tmp is None:
                     self._tmp = Path(tempfile.mkdtemp(prefix="mlflow-er-sync-"))
-                rel = Path(a.local_path)
+                rel = Path(str(a.local_path))
                 dst = self._tmp / rel.parent.name / rel.name  # the snapshot id keeps equal names apart
                 dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 try:

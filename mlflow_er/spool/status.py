@@ -61,7 +61,7 @@ def _synced(reader: SpoolReader, key: str, seg: Segment) -> dict[str, Any] | Non
 
 def spool_status(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """A JSON-able description of the spool at ``url`` (reads every segment; never writes)."""
-    from .replay import check_spool
+    from .paths import check_spool
 
     reader = SpoolReader(url, storage_options, warn=False)
     local = is_local(reader.fs)
@@ -70,7 +70,7 @@ def spool_status(url: str, storage_options: dict[str, Any] | None = None) -> dic
     targets = _targets(reader)
     destination = reader.fs.exists(f"{root}/{DESTINATION_FILE}")
     has_markers = local and reader.fs.exists(f"{root}/{UPLOADED_DIR}")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for seg in reader.segments():
         gaps_before = len(reader.gaps)
         records = sum(1 for _ in reader.iter_segment(seg))

@@ -307,9 +307,10 @@ class SpoolWriter:
             self._error = write_error(exc, str(path), "fsync")
             raise self._error from exc
         self._acked = self._appended
-        sealed: Path | None = path.with_suffix(SEALED_SUFFIX)
+        final = path.with_suffix(SEALED_SUFFIX)
+        sealed: Path | None = final
         if self._offset > self._data_start:
-            os.rename(path, sealed)  # while still locked, so no recovery can race us to it
+            os.rename(path, final)  # while still locked, so no recovery can race us to it
         else:
             path.unlink(missing_ok=True)  # header only: nothing to ship
             sealed = None
