@@ -109,7 +109,7 @@ def test_flipping_the_outer_frames_length_never_imports_the_inner_frame(tmp_path
         _check(got, gaps)
 
 
-@settings(max_examples=1200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.tuples(st.just("flip"), st.integers(0, len(SEGMENT) * 8 - 1)),
                  st.tuples(st.just("cut"), st.integers(0, len(SEGMENT) - 1))))
 def test_any_single_bit_flip_or_truncation_yields_only_written_records_plus_gaps(change: tuple[str, int]) -> None:
