@@ -80,3 +80,35 @@ def test_sync_killed_after_a_commit_then_rerun_stores_100_metrics_as_100_rows(
     assert run.data.params == {"lr": "0.1"} and run.info.status == "FINISHED"
     assert sync_main([str(spool), "--tracking-uri", file_store, "--no-progress"]) == EXIT_OK
     assert len(_history(file_store)[0]) == 100
+
+
+def test_a_retry_after_a_failure_that_reached_the_store_sends_only_what_is_missing(file_store: str) -> None:
+    """A request that timed out after the store committed it: the retry must not store the rows again."""
+    from mlflow import MlflowClient
+
+    from mlflow_er.delivery import Deliverer, DeliveryStats, RetryPolicy
+    from mlflow_er.errors import SinkError
+    from mlflow_er.sinks.mlflow import MlflowSink
+    from mlflow_er.spool.presence import CheckedSink
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        client = MlflowClient(file_store)
+        run = client.create_run(client.create_experiment("retry")).info.run_id
+
+    class CommitsThenTimesOut(MlflowSink):
+        calls = 0
+
+        def write_batch(self, batch: Batch) -> None:
+            CommitsThenTimesOut.calls += 1
+            super().write_batch(batch)
+            if CommitsThenTimesOut.calls == 1:
+                raise SinkError("ReadTimeout: the reply never came", transient=True)
+
+    sink = CheckedSink(CommitsThenTimesOut(file_store), client)
+    batch = Batch.of(run, [Metric(run, "m", float(i), TS + i, i, i) for i in range(50)] +
+                     [Param(run, "p", "1", TS, 50)])
+    stats = DeliveryStats()
+    assert Deliverer(sink, RetryPolicy(deadline=10, base=0.01), stats).deliver(batch) == []
+    assert CommitsThenTimesOut.calls == 1 and stats.retries == 1  # the retry found everything stored
+    assert sorted(m.step for m in client.get_metric_history(run, "m")) == list(range(50))
