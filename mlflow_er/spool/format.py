@@ -62,14 +62,17 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from ..records import Artifact, Metric, Param, Record, Tag
 from .framing import (  # noqa: F401 - re-exported: the format's public names live here
+    _LEN_INDEX,
     FRAME,
     FRAME_MARK,
     FRAME_SIZE,
+    FRAME_V2,
     HEADER,
     MAGIC,
     MAX_HEADER,
@@ -225,12 +228,16 @@ class Encoded(NamedTuple):
 
     def frames(self, framing: Framing, first_index: int) -> bytes:
         """The frames, numbered from ``first_index``, ready for one ``write``."""
-        frame = framing.frame
+        # framing.frame() inlined: this runs under the writer's lock, once per record.
+        pack, li_pack, crc32, mark = FRAME_V2.pack, _LEN_INDEX.pack, zlib.crc32, FRAME_MARK
         out: list[bytes] = []
         append = out.append
-        for k, (p, c) in enumerate(zip(self.payloads, self.crcs, strict=True)):
-            append(frame(p, c, first_index + k))
+        index = first_index
+        for p, c in zip(self.payloads, self.crcs, strict=True):
+            n = len(p)
+            append(pack(mark, n, index, crc32(li_pack(n, index), c)))
             append(p)
+            index += 1
         return b"".join(out)
 
 
