@@ -153,11 +153,12 @@ sys.exit(sync_main([spool, "--tracking-uri", sys.argv[2], "--no-progress"]))
 """
 
 
+@pytest.mark.timeout(150)
 def test_spool_files_are_0600_and_folders_0700_with_umask_0(tmp_path: Path, tracking_uri: str) -> None:
     script = tmp_path / "umask0.py"
     script.write_text(UMASK0)
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "w"), tracking_uri], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+                          text=True, timeout=120, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     spool = tmp_path / "w" / "deep" / "er" / "spool"
     assert (spool / "sync").is_dir() and (spool / "uploaded").is_dir()  # sync state and upload markers exist
