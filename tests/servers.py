@@ -25,7 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -366,6 +366,8 @@ class FaultServer:
         self._fail_until = 0.0
         self._fail_reply = Reply(status=503)
         self._mode: str | None = None
+        #: Optional: picks a reply from the request itself (body included); ``None`` falls through to the rest.
+        self.responder: Callable[[RecordedRequest], Reply | None] | None = None
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -496,7 +498,9 @@ class FaultServer:
         if parsed.path == "/login":  # where the login-redirect mode sends clients that follow it
             self._send(h, rec, 200, {"Content-Type": "text/html; charset=utf-8"}, LOGIN_PAGE)
             return
-        reply = self._choose(parsed.path)
+        reply = self.responder(rec) if self.responder is not None else None
+        if reply is None:
+            reply = self._choose(parsed.path)
         if reply is not None and reply.mode is not None:
             self._answer_as_proxy(h, rec, reply.mode, raw)
             return

@@ -55,6 +55,8 @@ def frame_offsets(data: bytes) -> list[tuple[int, int]]:
 
 def put_segment(root: Path, data: bytes, name: str = "0000000000001-aaaaaaaaaaaa-000000.seg") -> Path:
     (root / "segments").mkdir(parents=True, exist_ok=True)
+    for d in (root, root / "segments"):
+        d.chmod(0o700)  # made by hand: a writer refuses a spool folder open to other users
     p = root / "segments" / name
     p.write_bytes(data)
     return p
@@ -109,7 +111,7 @@ def test_header_names_writer_experiment_run_and_never_credentials(tmp_path: Path
     data = seg.read_bytes()
     header, _, problem = decode_header(data)
     assert problem is None
-    assert header["format"] == 1 and header["experiment_id"] == "7" and header["experiment_name"] == "exp-name"
+    assert header["format"] == 2 and header["experiment_id"] == "7" and header["experiment_name"] == "exp-name"
     assert header["run_id"] == RUN and header["writer_id"] == sink.writer.writer_id
     for path in tmp_path.rglob("*"):
         if path.is_file():
@@ -162,8 +164,8 @@ def test_rotation_by_size_and_age(tmp_path: Path) -> None:
 def test_cut_at_every_byte_of_last_record(tmp_path: Path) -> None:
     records = metrics(5) + [Tag(RUN, "t", "last-value", TS, 99)]
     data = sealed_segment(tmp_path, records).read_bytes()
-    last_start, last_end = frame_offsets(data)[-1]
-    assert last_end == len(data)
+    (last_start, last_end), (end_start, end_end) = frame_offsets(data)[-2:]  # the last record, the END frame
+    assert end_end == len(data) and end_start == last_end
     for cut in range(last_start, last_end):
         root = tmp_path / f"cut{cut}"
         put_segment(root, data[:cut])
@@ -171,19 +173,22 @@ def test_cut_at_every_byte_of_last_record(tmp_path: Path) -> None:
             warnings.simplefilter("always")
             got, reader = read_all(root)
         assert got == records[:-1], cut
-        if cut == last_start:
-            assert reader.gaps == []
+        (gap,) = reader.gaps
+        if cut == last_start:  # cut at a frame boundary: the missing END frame tells it was cut
+            assert (gap.offset, gap.length, gap.reason) == (cut, 0, "truncated (its END frame is missing)")
         else:
-            (gap,) = reader.gaps
             assert (gap.offset, gap.length, gap.reason) == (last_start, cut - last_start, "torn-tail")
-            assert all(issubclass(c.category, SpoolWarning) for c in caught) and caught
+        assert all(issubclass(c.category, SpoolWarning) for c in caught) and caught
         # The same file left open by a dead writer: recovery cuts the tail and seals it, silently.
         open_root = tmp_path / f"open{cut}"
         put_segment(open_root, data[:cut], "0000000000001-bbbbbbbbbbbb-000000.open")
         SpoolWriter(open_root, fsync_interval=None).close()
         (sealed,) = (open_root / "segments").glob("*.seg")
-        assert sealed.stat().st_size == last_start
-        assert read_all(open_root)[0] == records[:-1]
+        assert sealed.stat().st_size == last_start + (end_end - end_start)  # cut, then an END frame added
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got, reader = read_all(open_root)
+        assert got == records[:-1] and reader.gaps == []
 
 
 def test_flipped_bit_mid_file_loses_only_that_record(tmp_path: Path) -> None:
@@ -227,6 +232,8 @@ def test_garbage_never_raises(tmp_path: Path) -> None:
     for i in range(300):
         bad = bytearray(data)
         for _ in range(rng.randrange(1, 6)):
+            if not bad:
+                break  # truncated to nothing
             op = rng.randrange(4)
             pos = rng.randrange(len(bad))
             if op == 0:
@@ -334,4 +341,4 @@ def test_reader_drains_while_writer_appends_and_consumes(tmp_path: Path) -> None
     w.close()
     cur = again.cursor()
     assert cur is not None and cur.count > 0
-    assert FRAME_SIZE == 10
+    assert FRAME_SIZE == 14

@@ -115,7 +115,7 @@ def test_interrupted_sync_resumes_without_duplicates(tmp_path: Path, tracking_ur
 @pytest.mark.timeout(60)
 def test_crash_between_run_creation_and_mapping_makes_no_second_run(tmp_path: Path, tracking_uri: str,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import mlflow_er.spool.replay as replay
+    import mlflow_er.spool.runs as replay  # the module that records the run mapping
 
     spec = make_spool(tmp_path / "spool", n=300)
     real = replay.write_atomic

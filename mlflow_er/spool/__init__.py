@@ -1,10 +1,13 @@
 """The spool: a crash-safe, append-only log of records that any host can replay into MLflow.
 
-Modules: :mod:`.format` (segment header, frames, record encoding — read its docstring for
-the byte layout), :mod:`.writer` (append with group commit), :mod:`.reader` (read back,
-report damage), :mod:`.upload` (ship to any fsspec URL), :mod:`.replay` (``mlflow-er
-sync``), :mod:`.status` (``mlflow-er status``). The ``spool`` sink
-(:mod:`mlflow_er.sinks.spool`) puts them together.
+Modules: :mod:`.format` (record encoding and the byte layout — read its docstring),
+:mod:`.framing` (headers, frames, resynchronisation), :mod:`.writer` (append with group
+commit), :mod:`.reader` (read back, report damage), :mod:`.files` (private folders,
+crash recovery), :mod:`.context` (who wrote it), :mod:`.upload` (ship to any fsspec URL),
+:mod:`.replay` (``mlflow-er sync``) with :mod:`.lease` (one sync at a time),
+:mod:`.presence` (exactly once on stores that keep duplicates), :mod:`.runs` (run
+mapping), :mod:`.paths` (what sync may read) and :mod:`.progress`; :mod:`.status`
+(``mlflow-er status``). The ``spool`` sink (:mod:`mlflow_er.sinks.spool`) puts them together.
 
 API for a backend that spills overflow to disk and drains it back::
 

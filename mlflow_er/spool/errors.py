@@ -39,8 +39,20 @@ class SpoolUploadError(SpoolError):
     """A segment or artifact could not be uploaded (or verified) at the destination."""
 
 
+class SpoolPermissionError(SpoolError):
+    """A spool folder that is another user's, or open to other users: refused, never written into."""
+
+
 class SyncError(MlflowErError):
     """``mlflow-er sync`` stopped before the end; progress so far is saved and resumes next time."""
+
+
+class NotASpool(SyncError):
+    """The path given to ``mlflow-er sync``/``status`` does not exist or is not a spool (nothing was created)."""
+
+
+class UnsupportedSpool(SyncError):
+    """A segment was written by a newer format version than this mlflow-er reads; nothing was synced."""
 
 
 DISK_FULL_ERRNOS = frozenset(e for e in (_errno.ENOSPC, getattr(_errno, "EDQUOT", None)) if e is not None)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 
-from .format import OPEN_SUFFIX, SEALED_SUFFIX, SEGMENTS_DIR, Damage, Frame, decode_header, scan
+from .errors import SpoolPermissionError
+from .format import OPEN_SUFFIX, SEALED_SUFFIX, SEGMENTS_DIR, Damage, Frame, end_frame, is_end, parse_header, scan
 
 try:
     import fcntl
@@ -50,15 +52,61 @@ def try_lock(fd: int) -> bool:
         return False
 
 
-def make_spool_dir(root: Path) -> Path:
-    """Create ``root`` and its segment folder, private to the user (``0700``); return the latter."""
-    seg = root / SEGMENTS_DIR
-    seg.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for p in (root, seg):
+def private_makedirs(path: Path) -> None:
+    """Create ``path`` and any missing parent, each ``0700`` whatever the umask.
+
+    (``os.makedirs(mode=...)`` gives the mode to the last level only; the others get
+    ``0777 & ~umask``, so with umask 0 a world-writable folder.)
+    """
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
         try:
-            os.chmod(p, 0o700)
-        except OSError:
-            pass
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made meanwhile by another process: checked by its creator, or by check_private_dir
+        os.chmod(d, 0o700)  # mkdir applies the umask; a umask of 0o700 would leave it unusable
+
+
+def check_private_dir(path: Path) -> None:
+    """Refuse a spool folder that belongs to another user or is open to other users."""
+    if not hasattr(os, "getuid"):  # pragma: no cover - Windows: ACLs, not modes
+        return
+    st = os.stat(path)
+    me = os.getuid()
+    if st.st_uid != me:
+        raise SpoolPermissionError(
+            f"spool folder {path} belongs to {_user(st.st_uid)} (uid {st.st_uid}), not to you ({_user(me)}, uid "
+            f"{me}): its owner could read or change what you log. Use a folder of your own (the spool sink's "
+            "path option or $MLFLOW_ER_SPOOL_DIR)")
+    if st.st_mode & 0o077:
+        raise SpoolPermissionError(
+            f"spool folder {path} is open to other users (mode {oct(stat.S_IMODE(st.st_mode))}, must be 0700): "
+            f"run `chmod 700 {path}` if only you have used it, or choose a new folder")
+
+
+def _user(uid: int) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return f"user {uid}"
+
+
+def make_spool_dir(root: Path) -> Path:
+    """Create ``root`` and its segment folder private to the user (``0700``), or check an existing one's
+    owner and mode; return the segment folder."""
+    private_makedirs(root)
+    check_private_dir(root)
+    seg = root / SEGMENTS_DIR
+    private_makedirs(seg)
+    check_private_dir(seg)
     return seg
 
 
@@ -86,11 +134,15 @@ def recover_segments(root: str | os.PathLike[str]) -> list[Path]:
                 path.unlink()  # its writer died while creating it: a header at most
                 continue
             data = path.read_bytes()
-            _header, start, _problem = decode_header(data)
-            frames, cut = 0, None
-            for item in scan(data, start):
+            header = parse_header(data)
+            if header.unsupported:
+                log.warning("spool: left %s as it is: written by a newer mlflow-er (%s)", path.name, header.problem)
+                continue
+            frames, cut, last, ended = 0, None, -1, False
+            for item in scan(data, header.end, header.framing):
                 if type(item) is Frame:
                     frames += 1
+                    last, ended = item.number, is_end(item.payload)
                 elif type(item) is Damage and item.torn:
                     cut = item.start
             if frames == 0:
@@ -101,6 +153,9 @@ def recover_segments(root: str | os.PathLike[str]) -> list[Path]:
                 os.ftruncate(fd, cut)
                 log.warning("spool: cut a torn tail of %d bytes from %s (a writer died mid-write)",
                             len(data) - cut, path.name)
+            if header.framing is not None and header.framing.version >= 2 and not ended:
+                os.lseek(fd, 0, os.SEEK_END)
+                os.write(fd, end_frame(header.framing, last + 1))  # sealed like a writer seals
             os.fsync(fd)
             sealed = path.with_suffix(SEALED_SUFFIX)
             os.rename(path, sealed)

@@ -24,9 +24,12 @@ from .format import (
     SEGMENTS_DIR,
     Damage,
     FormatError,
+    Frame,
+    Header,
     SpoolRecord,
-    decode_header,
     decode_payload,
+    is_end,
+    parse_header,
     scan,
     segment_sort_key,
 )
@@ -45,19 +48,26 @@ class Gap:
     segment: str
     offset: int
     length: int
-    reason: str  # "torn-tail", "corrupt", "bad-header", "undecodable", "unknown-kind"
+    reason: str  # "torn-tail", "corrupt", "bad-header", "undecodable", "unknown-kind", "unsupported-version"
+    lost: int = -1  # records known lost here (from the frame indexes); -1: unknown
 
     def __str__(self) -> str:
-        return f"{self.segment} @ {self.offset}: {self.reason}, {self.length} bytes skipped"
+        lost = f", {self.lost} record(s) lost" if self.lost > 0 else ""
+        return f"{self.segment} @ {self.offset}: {self.reason}, {self.length} bytes skipped{lost}"
 
 
 @dataclass(frozen=True)
 class Position:
-    """Just after one record: its segment, the byte offset where the next frame starts, records so far."""
+    """Just after one record: its segment, the byte offset where the next frame starts, records so far.
+
+    ``index`` is the record's frame index (v2 segments; ``-1`` unknown): a reader resuming
+    here accepts only frames that continue it.
+    """
 
     segment: str
     offset: int
     count: int
+    index: int = -1
 
 
 @dataclass(frozen=True)
@@ -125,7 +135,9 @@ class SpoolReader:
         self.unknown = 0  # records of kinds this version does not know (skipped)
         #: Bytes at the end of open segments that are not a whole frame yet (live writer or unrecovered crash).
         self.open_tails: dict[str, int] = {}
-        self._headers: dict[str, dict[str, Any] | None] = {}
+        #: Segments written by a newer format version (name -> version): never read, see :meth:`header_info`.
+        self.unsupported: dict[str, int] = {}
+        self._headers: dict[str, Header] = {}
         self._seen_gaps: set[tuple[str, int]] = set()
 
     def segments(self) -> list[Segment]:
@@ -147,44 +159,68 @@ class SpoolReader:
                 continue
         return b"", seg
 
-    def header(self, seg: Segment) -> dict[str, Any] | None:
-        """The segment's header fields, or ``None`` if it is damaged (reported as a gap)."""
+    def header_info(self, seg: Segment) -> Header:
+        """The segment's parsed header (read once); damage is reported as a gap, a newer version in
+        :attr:`unsupported`."""
         if seg.name not in self._headers:
-            data, _ = self._read(seg, 0, HEADER.size + MAX_HEADER)  # not the whole segment
-            self._headers[seg.name] = self._parse_header(seg, data)[0]
+            data, seg = self._read(seg, 0, HEADER.size + 8 + MAX_HEADER)  # not the whole segment
+            self._note_header(seg, parse_header(data), bool(data))
         return self._headers[seg.name]
 
-    def _parse_header(self, seg: Segment, data: bytes) -> tuple[dict[str, Any] | None, int]:
-        fields, end, problem = decode_header(data)
-        if fields is None and data and not (problem == "short" and not seg.sealed):
-            self._gap(seg, 0, 0, f"bad-header ({problem})", warn=True)
-        return fields, end
+    def header(self, seg: Segment) -> dict[str, Any] | None:
+        """The segment's header fields, or ``None`` if it is damaged (reported as a gap)."""
+        h = self.header_info(seg)
+        return h.fields if h.problem is None else None
 
-    def _gap(self, seg: Segment, offset: int, length: int, reason: str, warn: bool) -> None:
+    def _note_header(self, seg: Segment, h: Header, nonempty: bool) -> None:
+        if seg.name in self._headers:
+            return
+        self._headers[seg.name] = h
+        if h.unsupported:
+            self.unsupported[seg.name] = int(h.version or 0)
+            self._gap(seg, 0, seg.size, f"unsupported-version ({h.problem}: upgrade mlflow-er to read it)", warn=True)
+        elif h.problem is not None and (nonempty or seg.sealed) and not (h.problem == "short" and not seg.sealed):
+            self._gap(seg, 0, 0, f"bad-header ({h.problem})", warn=True)
+
+    def _gap(self, seg: Segment, offset: int, length: int, reason: str, warn: bool, lost: int = -1) -> None:
         if (seg.name, offset) in self._seen_gaps:
             return  # re-reading a segment must not report (or warn about) the same damage twice
         self._seen_gaps.add((seg.name, offset))
-        gap = Gap(seg.name, offset, length, reason)
+        gap = Gap(seg.name, offset, length, reason, lost)
         self.gaps.append(gap)
         if warn and self.warn:
             warnings.warn(f"mlflow-er spool: {gap}", SpoolWarning, stacklevel=4)
 
     def iter_segment(self, seg: Segment, start: Position | None = None) -> Iterator[tuple[SpoolRecord, Position]]:
-        """Records of one segment, after ``start`` (a position in this segment) or from its beginning."""
+        """Records of one segment, after ``start`` (a position in this segment) or from its beginning.
+
+        A segment of a newer format version yields nothing (see :attr:`unsupported`).
+        """
         base = start.offset if start is not None else 0
         count = start.count if start is not None else 0
         data, seg = self._read(seg, base)
-        offset0 = 0
         if start is None:
-            fields, offset0 = self._parse_header(seg, data)
-            self._headers[seg.name] = fields
-        for item in scan(data, offset0):
-            if type(item) is Damage:
+            h = parse_header(data)
+            self._note_header(seg, h, bool(data))
+            offset0 = h.end
+        else:
+            h = self.header_info(seg)
+            offset0 = 0
+        if h.unsupported:
+            return
+        if h.framing is None:  # a header cut short: a writer that has not written one whole yet
+            return
+        ended = False
+        for item in scan(data, offset0, h.framing, start.index if start is not None else -1):
+            if isinstance(item, Frame) and is_end(item.payload):
+                ended = True
+                continue
+            if isinstance(item, Damage):
                 if item.torn and not seg.sealed:
                     self.open_tails[seg.name] = item.end - item.start
                     continue  # a live writer mid-append (or a crash not yet recovered): not damage yet
-                reason = "torn-tail" if item.torn else "corrupt"
-                self._gap(seg, base + item.start, item.end - item.start, reason, warn=True)
+                reason = "torn-tail" if item.torn else ("corrupt" if item.end > item.start else "missing-frames")
+                self._gap(seg, base + item.start, item.end - item.start, reason, warn=True, lost=item.lost)
                 continue
             try:
                 record = decode_payload(item.payload)
@@ -196,7 +232,10 @@ class SpoolReader:
                 self.unknown += 1
                 self._gap(seg, base + item.start, item.end - item.start, "unknown-kind", warn=True)
                 continue
-            yield record, Position(seg.name, base + item.end, count)
+            yield record, Position(seg.name, base + item.end, count, item.number)
+        if seg.sealed and h.framing.version >= 2 and not ended and not any(
+                g.segment == seg.name and g.reason == "torn-tail" for g in self.gaps):
+            self._gap(seg, base + len(data), 0, "truncated (its END frame is missing)", warn=True)
 
     def records(self, after: Position | None = None) -> Iterator[tuple[SpoolRecord, Position]]:
         """Every record after ``after`` (default: after the consumed cursor), in write order."""

@@ -61,13 +61,16 @@ def _synced(reader: SpoolReader, key: str, seg: Segment) -> dict[str, Any] | Non
 
 def spool_status(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """A JSON-able description of the spool at ``url`` (reads every segment; never writes)."""
+    from .paths import check_spool
+
     reader = SpoolReader(url, storage_options, warn=False)
     local = is_local(reader.fs)
     root = reader.root.rstrip("/")
+    check_spool(reader.fs, root, url)
     targets = _targets(reader)
     destination = reader.fs.exists(f"{root}/{DESTINATION_FILE}")
     has_markers = local and reader.fs.exists(f"{root}/{UPLOADED_DIR}")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for seg in reader.segments():
         gaps_before = len(reader.gaps)
         records = sum(1 for _ in reader.iter_segment(seg))
@@ -82,8 +85,10 @@ def spool_status(url: str, storage_options: dict[str, Any] | None = None) -> dic
             prog = _synced(reader, key, seg)
             synced[key] = {"records": int(prog.get("count", 0)), "done": bool(prog.get("done"))} if prog else \
                 {"records": 0, "done": False}
+        version = reader.unsupported.get(seg.name)
         rows.append({
-            "segment": seg.name, "state": "sealed" if seg.sealed else "open",
+            "segment": seg.name, "state": f"unsupported (format v{version})" if version else
+            ("sealed" if seg.sealed else "open"), "format": version or reader.header_info(seg).version,
             "writer_alive": None if seg.sealed or not local else _writer_alive(seg.path),
             "bytes": seg.size, "records": records, "open_tail_bytes": reader.open_tails.get(seg.name, 0),
             "experiment": header.get("experiment_name"), "run_id": header.get("run_id"),
@@ -91,6 +96,7 @@ def spool_status(url: str, storage_options: dict[str, Any] | None = None) -> dic
             "gaps": [str(g) for g in reader.gaps[gaps_before:]],
         })
     sealed = [r for r in rows if r["state"] == "sealed"]
+    unsupported = [r["segment"] for r in rows if r["state"].startswith("unsupported")]
     totals = {
         "segments": len(rows), "records": sum(r["records"] for r in rows),
         "acknowledged": sum(r["records"] for r in sealed),
@@ -98,7 +104,7 @@ def spool_status(url: str, storage_options: dict[str, Any] | None = None) -> dic
         "uploaded": sum(r["records"] for r in rows if r["uploaded"]),
         "uploaded_segments": sum(1 for r in rows if r["uploaded"]),
         "synced": {key: sum(r["synced"][key]["records"] for r in rows) for key in targets},
-        "gaps": sum(len(r["gaps"]) for r in rows),
+        "gaps": sum(len(r["gaps"]) for r in rows), "unsupported": len(unsupported),
     }
     return {"url": url, "local": local, "destination": destination, "targets": targets, "totals": totals,
             "segments": rows}
@@ -128,7 +134,12 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"synced into {uri}: {t['synced'][key]} of {t['records']}")
     if not targets:
         lines.append("synced: never (run `mlflow-er sync URL --tracking-uri URI`)")
-    gaps = [g for r in status["segments"] for g in r["gaps"]]
+    newer = [r for r in status["segments"] if r["state"].startswith("unsupported")]
+    if newer:
+        lines.append(f"{len(newer)} segment(s) written by a newer mlflow-er (not read, not synced): upgrade "
+                     f"mlflow-er (pip install -U mlflow-er)")
+        lines += [f"  {r['segment']}: format version {r['format']}" for r in newer]
+    gaps = [g for r in status["segments"] if not r["state"].startswith("unsupported") for g in r["gaps"]]
     if gaps:
         lines.append(f"gaps ({len(gaps)}): records in these byte ranges could not be read")
         lines += [f"  {g}" for g in gaps]

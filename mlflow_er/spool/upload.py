@@ -49,8 +49,10 @@ def _protocols(fs: Any) -> set[str]:
 def write_atomic(fs: Any, path: str, data: bytes) -> None:
     """Replace the small object ``path`` with ``data`` so a reader sees the old or the new content, never a mix."""
     if is_local(fs):
+        from .files import private_makedirs
+
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_makedirs(target.parent)
         tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -107,11 +109,18 @@ def put_verified(fs: Any, local: Path, remote: str, verify: str = "crc") -> bool
             return False
         raise SpoolUploadError(f"{remote} already exists with different content; not overwriting it")
     parent = remote.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
+    if is_local(fs):
+        from .files import private_makedirs
+
+        private_makedirs(Path(parent))
+    else:
+        fs.makedirs(parent, exist_ok=True)
     atomic = bool(_protocols(fs) & ATOMIC_PUT_PROTOCOLS)
     target = remote if atomic else f"{remote}.tmp-{uuid.uuid4().hex}"
     try:
         fs.put_file(str(local), target)
+        if is_local(fs):
+            os.chmod(target, 0o600)  # a local copy is as private as the spool, whatever the umask
         if not _matches(fs, target, size, crc, verify):
             raise SpoolUploadError(f"verification of {target} failed (size or CRC differs from {local})")
         if not atomic:
@@ -169,9 +178,11 @@ class Uploader:
         return arts, segs
 
     def _mark(self, kind: str, name: str) -> None:
+        from .files import private_makedirs
+
         marker = self._marker(kind, name)
-        marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        marker.touch()
+        private_makedirs(marker.parent)
+        marker.touch(mode=0o600)
 
     # -- one pass ------------------------------------------------------------------------------
     def upload_pending(self, deadline: float | None = None) -> int:

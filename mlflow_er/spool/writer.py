@@ -28,9 +28,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from .context import run_context
 from .errors import SpoolError, SpoolWriteError, write_error
 from .files import O_CLOEXEC, TMP_PREFIX, fsync_dir, make_spool_dir, recover_segments, try_lock
-from .format import OPEN_SUFFIX, SEALED_SUFFIX, Encoder, SpoolRecord, encode_header, segment_name
+from .format import (
+    OPEN_SUFFIX,
+    SEALED_SUFFIX,
+    Encoder,
+    Framing,
+    SpoolRecord,
+    encode_header,
+    end_frame,
+    new_salt,
+    segment_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +93,12 @@ class SpoolWriter:
         self.segment_age = segment_age
         self.on_seal = on_seal
         self._meta = {"writer_id": self.writer_id, "role": role, "experiment_id": experiment_id,
-                      "experiment_name": experiment_name, "host": socket.gethostname(), "pid": os.getpid()}
+                      "experiment_name": experiment_name, "host": socket.gethostname(), "pid": os.getpid(),
+                      "context": run_context()}
         self._encoder = Encoder()
+        self._salt = new_salt()
+        self._framing = Framing(2, self._salt)
+        self._frame_index = 0  # of the next frame in the current segment
         self._lock = threading.Lock()  # fd, offsets, counters
         self._sync_lock = threading.Lock()  # one fsync at a time
         self._fd: int | None = None
@@ -142,16 +157,17 @@ class SpoolWriter:
         """
         if not records:
             return
-        data = self._encoder.frames(records)  # outside the lock: encoding is the CPU-heavy part
+        encoded = self._encoder.encode(records, self._framing)  # outside the lock: the CPU-heavy part
         sealed: Path | None = None
         with self._lock:
             self._check()
             if self._fd is not None and self._offset > self._data_start and (
-                    self._offset + len(data) > self.segment_bytes or self._too_old()):
+                    self._offset + encoded.size > self.segment_bytes or self._too_old()):
                 sealed = self._seal_locked()
             if self._fd is None:
                 self._open_locked(getattr(records[0], "run_id", None))
-            self._write_locked(data)
+            self._write_locked(encoded.frames(self._framing, self._frame_index))
+            self._frame_index += len(records)
             self._appended += len(records)
         if sealed is not None:
             self._sealed_hook(sealed)
@@ -230,7 +246,7 @@ class SpoolWriter:
         # never find this writer's segment unlocked and mistake it for a dead writer's.
         tmp = self._seg_dir / (TMP_PREFIX + name + OPEN_SUFFIX)
         header = encode_header({**self._meta, "segment": self._index, "run_id": run_id,
-                                "created_ms": time.time_ns() // 1_000_000})
+                                "created_ms": time.time_ns() // 1_000_000}, self._salt)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -248,6 +264,7 @@ class SpoolWriter:
         fsync_dir(self._seg_dir)
         self._fd, self._path = fd, path
         self._offset = self._data_start = len(header)
+        self._frame_index = 0
         self._opened_at = time.monotonic()
 
     def _write_locked(self, data: bytes) -> None:
@@ -281,15 +298,19 @@ class SpoolWriter:
         """fsync, rename to ``.seg`` and close the current segment; ``None`` if it held no record."""
         fd, path = self._fd, self._path
         assert fd is not None and path is not None
+        if self._offset > self._data_start:
+            # The END frame: a reader can then tell a complete sealed segment from one cut short.
+            self._write_locked(end_frame(self._framing, self._frame_index))
         try:
             os.fsync(fd)
         except OSError as exc:
             self._error = write_error(exc, str(path), "fsync")
             raise self._error from exc
         self._acked = self._appended
-        sealed: Path | None = path.with_suffix(SEALED_SUFFIX)
+        final = path.with_suffix(SEALED_SUFFIX)
+        sealed: Path | None = final
         if self._offset > self._data_start:
-            os.rename(path, sealed)  # while still locked, so no recovery can race us to it
+            os.rename(path, final)  # while still locked, so no recovery can race us to it
         else:
             path.unlink(missing_ok=True)  # header only: nothing to ship
             sealed = None
