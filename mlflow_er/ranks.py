@@ -29,10 +29,15 @@ No variable means a single process (rank 0 of 1) and ``ranks=`` changes nothing.
 
 ``ranks="all"``
     Every rank logs into one run. Rank 0 resolves (finds or creates) the experiment and
-    the run as usual and publishes their ids in a small JSON file; the other ranks wait
-    for it (up to ``$MLFLOW_ER_RANK_TIMEOUT`` s, default 300, then
-    :class:`~mlflow_er.errors.RankTimeout`). ``MLFLOW_RUN_ID`` in the environment names
-    the run for every rank instead (rank 0 resumes it, nobody waits). Metric keys get the
+    the run as usual and shares them; the other ranks wait (up to
+    ``$MLFLOW_ER_RANK_TIMEOUT`` s, default 300, then :class:`~mlflow_er.errors.RankTimeout`
+    saying what to check). How they meet, first that applies: ``MLFLOW_RUN_ID`` in the
+    environment names the run for every rank (rank 0 resumes it, nobody waits);
+    ``$MLFLOW_ER_RANK_DIR`` set: a small JSON file there (below); a tracking server and a
+    launch identity (torchrun, Slurm, MPI): rank 0 tags the run with the launch and the
+    others find it by that tag on the server, so hosts share no folder and an elastic
+    restart resumes the same run (:mod:`mlflow_er.rendezvous`); else a file in a per-launch
+    folder of the temp dir, which only one node's ranks see. Metric keys get the
     suffix ``/rank{r}`` on every rank, rank 0 included (``loss`` → ``loss/rank0``,
     ``loss/rank1`` ...): MLflow metrics have no labels, and the UI groups keys by their
     first segment, so all ranks' ``loss`` lines land in one ``loss`` section. Params,
@@ -48,7 +53,7 @@ No variable means a single process (rank 0 of 1) and ``ranks=`` changes nothing.
     ``ranks="zero"`` warns once on an inactive rank found through ``SLURM_PROCID``,
     ``OMPI_COMM_WORLD_RANK`` or ``PMI_RANK``, as those launchers also run such sweeps.
 
-Where the rank file lives: ``$MLFLOW_ER_RANK_DIR`` if set — it must be shared by all
+Where the rank file lives (no server rendezvous): ``$MLFLOW_ER_RANK_DIR`` if set — it must be shared by all
 ranks, so on several nodes point it at a shared filesystem, one folder per job (e.g.
 ``$SCRATCH/mlflow-er/$SLURM_JOB_ID``) — else a folder under the temp dir named after the
 launch (``TORCHELASTIC_RUN_ID``, ``MASTER_ADDR``/``MASTER_PORT``, the restart count,
@@ -74,6 +79,7 @@ from typing import Any
 from .backends.base import Backend
 from .errors import ExperimentNotFound, MlflowErError, RankTimeout
 from .records import Metric, Record
+from .rendezvous import ServerRendezvous, poll
 from .run import Run
 from .validation import check_key
 
@@ -188,17 +194,28 @@ class RankPlan:
             return offline_experiment(args.get("experiment_name"), args.get("experiment_id"), args.get("tags"))
         if not self.shared or offline:  # offline resolution is local: nothing to race for
             return resolve(**args)
+        meet = self._server(args)
         path = self._path("experiment", args.get("experiment_name"), args.get("experiment_id"))
         if self.rank == 0:
             exp = resolve(**args)
-            if exp is not None:
+            if exp is not None and meet is None:
                 _publish(path, {"experiment_id": exp.experiment_id, "rank": self.rank, "pid": os.getpid()})
             return exp
-        try:
-            return resolve(**{**args, "create_new": False})
-        except ExperimentNotFound:
-            pass  # rank 0 has not created it yet
-        shared = self._wait(path, f"the experiment {args.get('experiment_name') or args.get('experiment_id')!r}")
+        what = f"the experiment {args.get('experiment_name') or args.get('experiment_id')!r}"
+
+        def lookup() -> Any:
+            try:
+                return resolve(**{**args, "create_new": False})
+            except ExperimentNotFound:
+                return None  # rank 0 has not created it yet
+
+        if meet is not None:  # the server is where rank 0 creates it: ask it again until it is there
+            return poll(lookup, _timeout(), lambda: f"{self.describe()}: rank 0 did not create {what} within "
+                        f"{_timeout():.0f}s. {meet.hint()} {ENV_TIMEOUT} sets the wait")
+        found = lookup()
+        if found is not None:
+            return found
+        shared = self._wait(path, what)
         return resolve(**{**args, "experiment_id": shared["experiment_id"], "create_new": False})
 
     def resolve_run(self, resolve: Callable[..., str | None], args: dict[str, Any]) -> str | None:
@@ -215,6 +232,9 @@ class RankPlan:
         # Not keyed by the parent run: only rank 0 has one (the others start no MLflow run).
         path = self._path("run", args.get("experiment_id"), args.get("run_name"), args.get("run_id"),
                           occurrence=True)
+        meet = self._server(args)
+        if meet is not None:
+            return self._meet_run(meet, resolve, args, int(path.stem.rsplit("-", 1)[1]))
         if self.rank == 0:
             rid = resolve(**args)
             if rid:
@@ -232,6 +252,30 @@ class RankPlan:
             return RankedRun(run_id, backend, client, params, tracker=tracker, plan=self)
         return Run(run_id, backend, client, params, tracker=tracker)
 
+    # -- meeting through the tracking server ---------------------------------------------------
+    @staticmethod
+    def _server(args: Mapping[str, Any]) -> ServerRendezvous | None:
+        """The server rendezvous, unless ``$MLFLOW_ER_RANK_DIR`` asks for files (or there is no server/identity)."""
+        if os.environ.get(ENV_DIR):
+            return None
+        return ServerRendezvous.detect(args.get("client"))
+
+    def _meet_run(self, meet: ServerRendezvous, resolve: Callable[..., str | None], args: dict[str, Any],
+                  occurrence: int) -> str | None:
+        exp_id = str(args.get("experiment_id"))
+        key = meet.key(exp_id, args.get("run_name"), args.get("run_id"), occurrence)
+        if self.rank == 0:
+            earlier = meet.previous(exp_id, key)
+            # An earlier attempt of this launch (an elastic restart) made the run: resume it by id.
+            rid = resolve(**{**args, "run_id": earlier, "run_name": None}) if earlier else resolve(**args)
+            if rid:
+                meet.publish(rid, key)
+            return rid
+        name = args.get("run_name") or args.get("run_id") or "(unnamed)"
+        return poll(lambda: meet.find(exp_id, key), _timeout(),
+                    lambda: f"{self.describe()}: rank 0 did not tag the run {name!r} (block {occurrence}) in "
+                            f"experiment {exp_id} within {_timeout():.0f}s. {meet.hint()} {ENV_TIMEOUT} sets the wait")
+
     # -- the rank files ------------------------------------------------------------------------
     def _path(self, kind: str, *parts: Any, occurrence: bool = False) -> Path:
         key = hashlib.sha256(json.dumps([kind, *parts], default=str).encode()).hexdigest()[:24]
@@ -242,7 +286,7 @@ class RankPlan:
         return rank_dir() / f"{kind}-{key}.json"
 
     def _wait(self, path: Path, what: str) -> dict[str, Any]:
-        timeout = float(os.environ.get(ENV_TIMEOUT) or DEFAULT_TIMEOUT)
+        timeout = _timeout()
         deadline = time.monotonic() + timeout
         delay = 0.01
         while True:
@@ -260,6 +304,10 @@ class RankPlan:
                     f"{ENV_TIMEOUT} sets the wait")
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+
+def _timeout() -> float:
+    return float(os.environ.get(ENV_TIMEOUT) or DEFAULT_TIMEOUT)
 
 
 _lock = threading.Lock()
