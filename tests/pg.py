@@ -220,3 +220,74 @@ def wait_until(pred: Any, timeout: float, what: str, interval: float = 0.05) -> 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout}s")
         time.sleep(interval)
+
+
+class Production:
+    """PostgreSQL + moto S3 + ``mlflow server`` on both, as one deployment would run them."""
+
+    DATABASE = "mlflow"
+
+    def __init__(self, workdir: Path, s3: MotoS3, workers: int = 1) -> None:
+        self.s3 = s3
+        self.pg = PostgresServer()
+        self.bucket = f"mlflow-er-prod-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+        self.artifacts = f"s3://{self.bucket}/mlflow"
+        self.server: PgMlflowServer | None = None
+        self.workdir = Path(workdir)
+        self.workers = workers
+
+    def start(self) -> Production:
+        """PostgreSQL first, then the bucket, then the server (its first start migrates the schema)."""
+        self.pg.start()
+        db_url = self.pg.create_database(self.DATABASE)
+        self.s3.make_bucket(self.bucket)
+        self.server = PgMlflowServer(self.workdir, db_url, self.s3, self.artifacts, workers=self.workers)
+        self.server.start(timeout=120)
+        return self
+
+    def stop(self) -> None:
+        """Server, then PostgreSQL (each stopped even if the other fails)."""
+        try:
+            if self.server is not None:
+                self.server.stop()
+        finally:
+            self.pg.stop()
+
+    @property
+    def uri(self) -> str:
+        """The tracking server's ``http://127.0.0.1:PORT``."""
+        assert self.server is not None
+        return self.server.uri
+
+    def db_uri(self, driver: str = "postgresql") -> str:
+        """The server's database as a URI for a direct store (``postgresql://`` = SQLAlchemy's psycopg2)."""
+        return self.pg.url(self.DATABASE, driver)
+
+    def sql(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` in the server's database: the ground truth tests count against."""
+        return self.pg.query(self.DATABASE, sql, *params)
+
+    def metric_rows(self, run_id: str) -> dict[str, tuple[int, int]]:
+        """Per metric key of the run: (rows stored, distinct steps) straight from PostgreSQL."""
+        rows = self.sql("SELECT key, count(*), count(DISTINCT step) FROM metrics WHERE run_uuid = %s GROUP BY key",
+                        run_id)
+        return {key: (int(n), int(steps)) for key, n, steps in rows}
+
+
+def require_postgres() -> None:
+    """Skip (developer machine) or fail (CI) when PostgreSQL's server binaries or psycopg are missing."""
+    import pytest
+
+    missing = []
+    if pg_bindir() is None:
+        missing.append(f"PostgreSQL server binaries ({PG_GLOB}; Debian: apt-get install -y postgresql)")
+    for module in ("psycopg", "psycopg2"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(f"the {module} module (pip install -e '.[test]')")
+    if missing:
+        why = "the production-shaped server needs " + " and ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(why + " — .ci/run installs them on a fresh machine", pytrace=False)
+        pytest.skip(why)
