@@ -82,23 +82,27 @@ def test_permanent_error_is_named_at_flush_and_the_rest_is_stored(prod: Any) -> 
 
 
 @pytest.mark.timeout(60)
-def test_threaded_postgresql_scheme_with_plain_fluent_calls(prod: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("door", ["http", "postgresql"])
+def test_threaded_scheme_with_plain_fluent_calls(prod: Any, monkeypatch: pytest.MonkeyPatch, door: str) -> None:
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     previous = getattr(tracking_utils, "_tracking_uri", None)
-    # The same database the server uses, written directly: what a job on the database's network does.
-    uri = "threaded+" + prod.db_uri("postgresql")
+    # threaded+http://: a training node talking to the server. threaded+postgresql://: the same
+    # database the server uses, written directly (a job on the database's network).
+    uri = "threaded+" + (prod.uri if door == "http" else prod.db_uri("postgresql"))
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     mlflow.set_tracking_uri(uri)
     try:
-        exp_id = mlflow.set_experiment("prod-fluent").experiment_id
+        exp_id = mlflow.set_experiment(f"prod-fluent-{door}").experiment_id
         with mlflow.start_run(run_name="fluent") as active:
             for i in range(500):
                 mlflow.log_metric("loss", 1.0 / (i + 1), step=i)
             mlflow.log_metrics({"acc": 0.9, "f1": 0.8}, step=500)
             mlflow.log_param("lr", 0.01)
             mlflow.set_tag("phase", "train")
+            if door == "http":  # proxied artifacts: through the server into S3
+                mlflow.log_text("from a node", "notes/node.txt")
         rid = active.info.run_id
     finally:
         import mlflow.tracking.fluent as fluent
@@ -112,6 +116,9 @@ def test_threaded_postgresql_scheme_with_plain_fluent_calls(prod: Any, monkeypat
     via_server = MlflowClient(prod.uri).get_run(rid)
     assert via_server.info.experiment_id == exp_id and via_server.info.status == "FINISHED"
     assert via_server.data.params == {"lr": "0.01"} and via_server.data.tags["phase"] == "train"
+    if door == "http":
+        key = f"{prod.bucket}/mlflow/{exp_id}/{rid}/artifacts/notes/node.txt"
+        assert prod.s3.fs().cat_file(key) == b"from a node"
 
 
 @pytest.mark.timeout(60)
