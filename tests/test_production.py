@@ -138,3 +138,18 @@ def test_artifacts_land_in_s3_through_the_server(prod: Any, tmp_path: Any) -> No
     assert fs.cat_file(f"{base}/model/weights.bin") == payload
     assert json.loads(fs.cat_file(f"{base}/config/model.json")) == {"layers": 3}
     assert fs.cat_file(f"{base}/notes/readme.txt") == b"hello s3"
+
+
+def test_deployment_doc_names_only_tests_that_exist() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "deployment.md").read_text()
+    sources = {p.name: p.read_text() for p in (root / "tests").glob("test_*.py")}
+    files = set(re.findall(r"\b(test_\w+\.py)\b", doc))
+    names = set(re.findall(r"::(test_\w+)", doc))
+    assert files and names, "docs/deployment.md names no tests"
+    assert files <= set(sources), f"docs/deployment.md names missing test files: {files - set(sources)}"
+    defined = {n for text in sources.values() for n in re.findall(r"^def (test_\w+)\(", text, re.M)}
+    assert names <= defined, f"docs/deployment.md names missing tests: {names - defined}"
