@@ -11,7 +11,9 @@ then for each scenario starts ``--procs`` processes that wait at a barrier and l
   job, all into one run (keys ``loss/rank{r}``; the ranks meet through the server);
 * ``er-each``: mlflow-er threaded, one run per process;
 * ``async-one`` / ``async-each``: ``mlflow.log_metric(..., synchronous=False)`` into one run
-  created beforehand / one run per process, then ``mlflow.flush_async_logging()``.
+  created beforehand / one run per process, then ``mlflow.flush_async_logging()``; with
+  ``MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS`` = ``--async-buffer`` (default 1: MLflow merges
+  queued calls into batches; 0 leaves it unset, one request per call, ~40 records/s here).
 
 ``--shed N`` puts a load-shedding proxy in front of the server (what an nginx ``limit_req``
 gateway does): more than N requests in flight get 503 or 429 with ``Retry-After: 1``.
@@ -143,7 +145,8 @@ class _NoList(list):  # type: ignore[type-arg]
         pass
 
 
-def run_scenario(prod: Any, uri: str, scenario: str, procs: int, metrics: int, tmp: Path) -> dict[str, Any]:
+def run_scenario(prod: Any, uri: str, scenario: str, procs: int, metrics: int, tmp: Path,
+                 async_buffer: int = 1) -> dict[str, Any]:
     go = tmp / f"go-{uuid.uuid4().hex[:8]}"
     run_id = None
     if scenario == "async-one":
@@ -159,15 +162,25 @@ def run_scenario(prod: Any, uri: str, scenario: str, procs: int, metrics: int, t
         env.update(RANK=str(r), WORLD_SIZE=str(procs), MLFLOW_ER_LAUNCH_ID=launch, MLFLOW_ER_RANK_TIMEOUT="600",
                    PYTHONPATH=str(ROOT), MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
                    MLFLOW_ER_STAGING_DIR=str(tmp / f"staging-{scenario}-{r}"))
+        env.pop("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", None)
+        if scenario.startswith("async") and async_buffer > 0:
+            # An int: MLflow 3.17 rejects "1.0" inside its logging thread, and flush_async_logging() then hangs.
+            env["MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"] = str(async_buffer)
         argv = [sys.executable, str(HERE), "worker", scenario, uri, str(metrics), str(go)]
         if run_id:
             argv += ["--run-id", run_id]
-        children.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                         env=env, stdin=subprocess.DEVNULL))
+        # stderr to a file: a pipe nobody reads while waiting on another worker fills and blocks it.
+        with open(tmp / f"{scenario}-{procs}-{r}.err", "w") as err:
+            children.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                                             stdin=subprocess.DEVNULL))
     for c in children:  # every process imported mlflow and made its run: start together
-        line = c.stdout.readline() if c.stdout else ""
-        if line.strip() != "ready":
-            raise RuntimeError(f"worker not ready: {line!r} {c.stderr.read()[-3000:] if c.stderr else ''}")
+        seen = []
+        while c.stdout is not None and (line := c.stdout.readline()) and line.strip() != "ready":
+            seen.append(line)  # whatever MLflow printed first
+        if not line:  # the worker exited before the barrier
+            for other in children:
+                other.kill()
+            raise RuntimeError(f"worker not ready: {''.join(seen)[-2000:]} (stderr in {tmp})")
     base = _rows(prod)
     samples: list[tuple[float, int]] = []
     done = threading.Event()
@@ -183,9 +196,9 @@ def run_scenario(prod: Any, uri: str, scenario: str, procs: int, metrics: int, t
     sampler.start()
     results = []
     for c in children:
-        out, err = c.communicate(timeout=3600)
+        out, _ = c.communicate(timeout=3600)
         if c.returncode != 0:
-            raise RuntimeError(f"worker failed ({c.returncode}):\n{err[-3000:]}")
+            raise RuntimeError(f"worker failed ({c.returncode}): stderr in {tmp}")
         # MLflow's end_run prints "View run ..." lines on stdout too.
         results.append(json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1]))
     wall = time.monotonic() - t0
@@ -222,14 +235,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--workers", type=int, default=4, help="mlflow server (uvicorn) workers")
     p.add_argument("--shed", type=int, default=0, help="shed requests beyond N in flight with 503/429 (0: off)")
+    p.add_argument("--async-buffer", type=int, default=1,
+                   help="MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS for the async scenarios (0: unset)")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
+    import signal
+
+    # SIGTERM (timeout, kill) must still stop the server and PostgreSQL: turn it into SystemExit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.path.insert(0, str(ROOT / "tests"))
     from pg import Production
     from servers import MotoS3
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     tmp = Path(tempfile.mkdtemp(prefix="mlflow-er-scale-"))
+    print(f"work dir (worker stderr): {tmp}", flush=True)
     s3 = MotoS3().start()
     prod = Production(tmp / "server", s3, workers=a.workers)
     proxy = None
@@ -243,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         for procs in [int(x) for x in a.procs.split(",")]:
             for scenario in a.scenarios.split(","):
                 before = dict(proxy.shed) if proxy else {}
-                row = run_scenario(prod, uri, scenario, procs, a.metrics, tmp)
+                row = run_scenario(prod, uri, scenario, procs, a.metrics, tmp, a.async_buffer)
                 if proxy:
                     row["shed"] = {k: proxy.shed[k] - before.get(k, 0) for k in proxy.shed}
                 row["stored_once"] = row["rows"] == row["distinct"] == row["expected"]
