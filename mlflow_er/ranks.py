@@ -233,7 +233,7 @@ class RankPlan:
                           occurrence=True)
         meet = self._server(args)
         if meet is not None:
-            return self._meet_run(meet, resolve, args, int(path.stem.rsplit("-", 1)[1]))
+            return self._meet_run(meet, resolve, args, path)
         if self.rank == 0:
             rid = resolve(**args)
             if rid:
@@ -260,17 +260,24 @@ class RankPlan:
         return ServerRendezvous.detect(args.get("client"))
 
     def _meet_run(self, meet: ServerRendezvous, resolve: Callable[..., str | None], args: dict[str, Any],
-                  occurrence: int) -> str | None:
+                  path: Path) -> str | None:
         exp_id = str(args.get("experiment_id"))
+        occurrence = int(path.stem.rsplit("-", 1)[1])  # the n of "run-<key>-<n>": same on every rank
         key = meet.key(exp_id, args.get("run_name"), args.get("run_id"), occurrence)
+        name = args.get("run_name") or args.get("run_id") or "(unnamed)"
         if self.rank == 0:
             earlier = meet.previous(exp_id, key)
             # An earlier attempt of this launch (an elastic restart) made the run: resume it by id.
             rid = resolve(**{**args, "run_id": earlier, "run_name": None}) if earlier else resolve(**args)
             if rid:
                 meet.publish(rid, key)
+                if not meet.strong:  # rank 0's own node meets through the file (see below)
+                    _publish(path, {"run_id": rid, "experiment_id": exp_id, "rank": self.rank, "pid": os.getpid()})
             return rid
-        name = args.get("run_name") or args.get("run_id") or "(unnamed)"
+        if not meet.strong and meet.same_node:
+            # A weak identity is shared with earlier launches on that address; on rank 0's node
+            # the per-launch file (keyed by the launcher's pid) tells this launch apart for sure.
+            return str(self._wait(path, f"the run {name!r}")["run_id"])
         return poll(lambda: meet.find(exp_id, key), _timeout(),
                     lambda: f"{self.describe()}: rank 0 did not tag the run {name!r} (block {occurrence}) in "
                             f"experiment {exp_id} within {_timeout():.0f}s. {meet.hint()} {ENV_TIMEOUT} sets the wait")

@@ -18,7 +18,9 @@ variable                           meaning
 The first five are unique per job ("strong"). ``MASTER_ADDR:MASTER_PORT`` alone is reused
 by every launch on the same address, so with only it a member takes the newest tagged run
 that started at most ``$MLFLOW_ER_RANK_SKEW`` s (default 120) before the member itself,
-and rank 0 never resumes a run by this tag on a first attempt. ``TORCHELASTIC_RESTART_COUNT``
+and rank 0 never resumes a run by this tag on a first attempt; members on rank 0's node
+(``GROUP_RANK=0``, or a single-node job) meet through the per-launch file instead, which
+the launcher's pid keeps apart from earlier launches. ``TORCHELASTIC_RESTART_COUNT``
 is not part of the identity: after an elastic restart rank 0 finds the run it tagged
 before and resumes it, and re-tags it with the new restart count; members wait for that
 count, so they never join before rank 0 of the same attempt.
@@ -100,6 +102,9 @@ class ServerRendezvous:
         self.restart = restart
         env = os.environ if env is None else env
         self.skew = float(env.get(ENV_SKEW) or DEFAULT_SKEW)
+        #: On rank 0's node: torchrun's node rank is 0, or the whole job runs on one node.
+        self.same_node = env.get("GROUP_RANK", "").strip() == "0" or (
+            bool(env.get("LOCAL_WORLD_SIZE", "").strip()) and env.get("LOCAL_WORLD_SIZE") == env.get("WORLD_SIZE"))
 
     @classmethod
     def detect(cls, client: Any, env: Mapping[str, str] | None = None) -> ServerRendezvous | None:

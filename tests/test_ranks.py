@@ -332,3 +332,43 @@ def test_weak_identity_never_resumes_and_ignores_runs_older_than_the_member(trac
     assert meet.find(exp, key) == fresh
     strong = ServerRendezvous.detect(client, {"SLURM_JOB_ID": "5"})
     assert strong is not None and strong.find(exp, strong.key(exp, "r", None, 1)) is None  # another launch
+
+
+@pytest.mark.timeout(30)
+def test_weak_identity_members_on_rank0s_node_use_the_launch_file(tracking_uri: str, no_rank_env,
+                                                                  tmp_path: Path) -> None:
+    import tempfile
+    import uuid
+
+    from mlflow_er.rendezvous import ServerRendezvous
+
+    for name in LAUNCH_VARS:
+        no_rank_env.delenv(name, raising=False)
+    no_rank_env.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own per-launch folders
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": "1", "WORLD_SIZE": "2",
+                 "GROUP_RANK": "0", "MLFLOW_ER_RANK_TIMEOUT": "0.5"}.items():
+        no_rank_env.setenv(k, v)
+    client = MlflowClient(tracking_uri)
+    exp = client.create_experiment("weak-node")
+
+    def earlier_launch_tagged(name: str) -> str:
+        """A run an earlier launch on the same MASTER_ADDR:PORT tagged moments ago."""
+        meet = ServerRendezvous.detect(client)
+        assert meet is not None and not meet.strong
+        rid = client.create_run(exp).info.run_id
+        meet.publish(rid, meet.key(exp, name, None, 1))
+        return rid
+
+    same = f"same-node-{uuid.uuid4().hex[:6]}"
+    earlier_launch_tagged(same)
+    member = ExperimentTracker("weak-node", tracking_uri=tracking_uri, ranks="all")
+    # On rank 0's node the member waits for this launch's file and never joins the earlier run.
+    with pytest.raises(RankTimeout, match="rank 0 did not share the run"):
+        with member.run(run_name=same):
+            pass
+    # On another node only the server can tell: the recent tagged run is taken (documented limit).
+    no_rank_env.setenv("GROUP_RANK", "1")
+    other = f"other-node-{uuid.uuid4().hex[:6]}"
+    stale = earlier_launch_tagged(other)
+    with ExperimentTracker("weak-node", tracking_uri=tracking_uri, ranks="all").run(run_name=other) as run:
+        assert run.run_id == stale
