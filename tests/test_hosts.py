@@ -67,6 +67,7 @@ class Cluster:
         self.relays: list[TcpRelay] = []
         self.namespaces = False
         self.why_not = ""
+        self.procs: dict[str, subprocess.Popen[str]] = {}
 
     def make(self) -> None:
         if os.geteuid() != 0:
@@ -109,6 +110,10 @@ class Cluster:
         return ["ip", "netns", "exec", self.ns[node], *argv] if self.namespaces else list(argv)
 
     def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
         for relay in self.relays:
             relay.close()
         for node in NODES:
@@ -175,7 +180,8 @@ def test_training_nodes_offline_node_and_login_node(prod: Any, cluster: Cluster,
             gw, server["train-a"].rsplit(":", 1)[1]), capture_output=True, text=True, timeout=30)
         assert probe.stdout.startswith("OSError 101"), probe  # ENETUNREACH: no route at all
 
-    procs = {}
+    procs: dict[str, subprocess.Popen[str]] = {}
+    cluster.procs = procs  # killed at teardown if still running, before the namespaces go
     for rank, node in enumerate(("train-a", "train-b")):
         home, env = node_env(tmp_path, node, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", **job)
         procs[node] = spawn(cluster, node, home, env, sys.executable, str(MEET), f"http://{server[node]}", "300")
