@@ -71,7 +71,9 @@ def worker(argv: list[str]) -> None:
 
         ranks = "all" if a.scenario == "er-one" else "each"
         tracker = ExperimentTracker("scale", tracking_uri=a.uri, backend="threaded", ranks=ranks)
-        with tracker.run(run_name=None if ranks == "all" else f"er-each-{rank}") as run:
+        # A name of this launch only: a run found by name is resumed (the seed's rule).
+        each_name = f"er-each-{os.environ.get('MLFLOW_ER_LAUNCH_ID', '')[:8]}-{rank}"
+        with tracker.run(run_name=None if ranks == "all" else each_name) as run:
             barrier()
             t = time.perf_counter()
             for i in range(a.metrics):
@@ -89,7 +91,7 @@ def worker(argv: list[str]) -> None:
             active = mlflow.start_run(run_id=a.run_id)
         else:
             mlflow.set_experiment("scale")
-            active = mlflow.start_run(run_name=f"async-each-{rank}")
+            active = mlflow.start_run(run_name=f"async-each-{os.environ.get('MLFLOW_ER_LAUNCH_ID', '')[:8]}-{rank}")
         barrier()
         t = time.perf_counter()
         for i in range(a.metrics):
