@@ -161,7 +161,7 @@ def finish(proc: subprocess.Popen[str], what: str, timeout: float = 90) -> str:
     return out
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)  # + the session server's start, charged to the first user
 def test_training_nodes_offline_node_and_login_node(prod: Any, cluster: Cluster, tmp_path: Path) -> None:
     server_port = int(prod.uri.rsplit(":", 1)[1])
     s3_port = int(prod.s3.endpoint_url.rsplit(":", 1)[1])

@@ -23,7 +23,7 @@ def tracker_for(uri: str, name: str, **kwargs: Any) -> ExperimentTracker:
     return ExperimentTracker(name, tracking_uri=uri, backend="threaded", **kwargs)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)  # + the session server's start, charged to the first user
 def test_server_sigkill_and_restart_while_logging_loses_nothing(prod: Any) -> None:
     tracker = tracker_for(prod.uri, "prod-kill")
     with tracker.run(run_name="through-a-crash") as run:
@@ -45,7 +45,7 @@ def test_server_sigkill_and_restart_while_logging_loses_nothing(prod: Any) -> No
     assert prod.sql("SELECT value FROM params WHERE run_uuid = %s AND key = 'lr'", run.run_id) == [("0.01",)]
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(210)  # + the session server's start, charged to the first user
 @pytest.mark.parametrize("status", [503, 429])
 def test_storm_of_busy_replies_is_ridden_out(prod: Any, status: int) -> None:
     with FaultServer(upstream=prod.uri, script_paths=("runs/log-batch",)) as proxy:
@@ -63,7 +63,7 @@ def test_storm_of_busy_replies_is_ridden_out(prod: Any, status: int) -> None:
     assert stats["retries"] >= len(refused) and stats["failed"] == 0
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)  # + the session server's start, charged to the first user
 def test_permanent_error_is_named_at_flush_and_the_rest_is_stored(prod: Any) -> None:
     tracker = tracker_for(prod.uri, "prod-permanent")
     with tracker.run(run_name="conflict") as run:
@@ -81,7 +81,7 @@ def test_permanent_error_is_named_at_flush_and_the_rest_is_stored(prod: Any) -> 
     assert prod.sql("SELECT value FROM params WHERE run_uuid = %s", run.run_id) == [("0.1",)]
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)  # + the session server's start, charged to the first user
 @pytest.mark.parametrize("door", ["http", "postgresql"])
 def test_threaded_scheme_with_plain_fluent_calls(prod: Any, monkeypatch: pytest.MonkeyPatch, door: str) -> None:
     from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -121,7 +121,7 @@ def test_threaded_scheme_with_plain_fluent_calls(prod: Any, monkeypatch: pytest.
         assert prod.s3.fs().cat_file(key) == b"from a node"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)  # + the session server's start, charged to the first user
 def test_artifacts_land_in_s3_through_the_server(prod: Any, tmp_path: Any) -> None:
     weights = tmp_path / "weights.bin"
     payload = bytes(range(256)) * 4096  # 1 MiB

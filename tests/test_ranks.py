@@ -245,7 +245,7 @@ def start_launch(tmp_path: Path, uri: str, world: int, launch: dict[str, str], s
     return procs
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(210)  # + the session server's start, charged to the first user
 def test_all_ranks_meet_through_the_server_with_no_shared_folder(prod, tmp_path: Path, no_rank_env) -> None:
     launch = {"TORCHELASTIC_RUN_ID": f"job-{tmp_path.name}", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
     out = {r["rank"]: r for r in results(start_launch(tmp_path, prod.uri, 3, launch, 120))}
@@ -259,7 +259,7 @@ def test_all_ranks_meet_through_the_server_with_no_shared_folder(prod, tmp_path:
     assert not list(tmp_path.glob("*/mlflow-er-ranks-*"))
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)  # + the session server's start, charged to the first user
 def test_elastic_restart_resumes_the_same_run(prod, tmp_path: Path, no_rank_env) -> None:
     launch = {"TORCHELASTIC_RUN_ID": f"elastic-{tmp_path.name}", "MASTER_ADDR": "node0"}
     first = results(start_launch(tmp_path, prod.uri, 2, {**launch, "MASTER_PORT": "29500",
