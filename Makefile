@@ -52,6 +52,9 @@ demo: $(STAMP_DEMO)
 	$(PY) examples/train_loop.py --backend threaded $(DEMO_ARGS) </dev/null
 
 test: $(STAMP_DEV)
+	@compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || echo "note: no PostgreSQL server binaries \
+	(/usr/lib/postgresql/*/bin/initdb): the production-shaped tests skip here and fail in CI; Debian: \
+	apt-get install -y postgresql" >&2
 	$(PY) -m pytest -q $(PYTEST_ARGS) </dev/null
 
 lint: $(STAMP_DEV)

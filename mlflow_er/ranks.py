@@ -29,10 +29,15 @@ No variable means a single process (rank 0 of 1) and ``ranks=`` changes nothing.
 
 ``ranks="all"``
     Every rank logs into one run. Rank 0 resolves (finds or creates) the experiment and
-    the run as usual and publishes their ids in a small JSON file; the other ranks wait
-    for it (up to ``$MLFLOW_ER_RANK_TIMEOUT`` s, default 300, then
-    :class:`~mlflow_er.errors.RankTimeout`). ``MLFLOW_RUN_ID`` in the environment names
-    the run for every rank instead (rank 0 resumes it, nobody waits). Metric keys get the
+    the run as usual and shares them; the other ranks wait (up to
+    ``$MLFLOW_ER_RANK_TIMEOUT`` s, default 300, then :class:`~mlflow_er.errors.RankTimeout`
+    saying what to check). How they meet, first that applies: ``MLFLOW_RUN_ID`` in the
+    environment names the run for every rank (rank 0 resumes it, nobody waits);
+    ``$MLFLOW_ER_RANK_DIR`` set: a small JSON file there (below); a tracking server and a
+    launch identity (torchrun, Slurm, MPI): rank 0 tags the run with the launch and the
+    others find it by that tag on the server, so hosts share no folder and an elastic
+    restart resumes the same run (:mod:`mlflow_er.rendezvous`); else a file in a per-launch
+    folder of the temp dir, which only one node's ranks see. Metric keys get the
     suffix ``/rank{r}`` on every rank, rank 0 included (``loss`` → ``loss/rank0``,
     ``loss/rank1`` ...): MLflow metrics have no labels, and the UI groups keys by their
     first segment, so all ranks' ``loss`` lines land in one ``loss`` section. Params,
@@ -48,7 +53,7 @@ No variable means a single process (rank 0 of 1) and ``ranks=`` changes nothing.
     ``ranks="zero"`` warns once on an inactive rank found through ``SLURM_PROCID``,
     ``OMPI_COMM_WORLD_RANK`` or ``PMI_RANK``, as those launchers also run such sweeps.
 
-Where the rank file lives: ``$MLFLOW_ER_RANK_DIR`` if set — it must be shared by all
+Where the rank file lives (no server rendezvous): ``$MLFLOW_ER_RANK_DIR`` if set — it must be shared by all
 ranks, so on several nodes point it at a shared filesystem, one folder per job (e.g.
 ``$SCRATCH/mlflow-er/$SLURM_JOB_ID``) — else a folder under the temp dir named after the
 launch (``TORCHELASTIC_RUN_ID``, ``MASTER_ADDR``/``MASTER_PORT``, the restart count,
@@ -66,16 +71,16 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .backends.base import Backend
 from .errors import ExperimentNotFound, MlflowErError, RankTimeout
-from .records import Metric, Record
+from .rank_runs import InactiveBackend, InactiveClient, InactiveRun, RankedRun
+from .rendezvous import ServerRendezvous, poll
 from .run import Run
-from .validation import check_key
 
 log = logging.getLogger(__name__)
 
@@ -188,17 +193,28 @@ class RankPlan:
             return offline_experiment(args.get("experiment_name"), args.get("experiment_id"), args.get("tags"))
         if not self.shared or offline:  # offline resolution is local: nothing to race for
             return resolve(**args)
+        meet = self._server(args)
         path = self._path("experiment", args.get("experiment_name"), args.get("experiment_id"))
         if self.rank == 0:
             exp = resolve(**args)
-            if exp is not None:
+            if exp is not None and meet is None:
                 _publish(path, {"experiment_id": exp.experiment_id, "rank": self.rank, "pid": os.getpid()})
             return exp
-        try:
-            return resolve(**{**args, "create_new": False})
-        except ExperimentNotFound:
-            pass  # rank 0 has not created it yet
-        shared = self._wait(path, f"the experiment {args.get('experiment_name') or args.get('experiment_id')!r}")
+        what = f"the experiment {args.get('experiment_name') or args.get('experiment_id')!r}"
+
+        def lookup() -> Any:
+            try:
+                return resolve(**{**args, "create_new": False})
+            except ExperimentNotFound:
+                return None  # rank 0 has not created it yet
+
+        if meet is not None:  # the server is where rank 0 creates it: ask it again until it is there
+            return poll(lookup, _timeout(), lambda: f"{self.describe()}: rank 0 did not create {what} within "
+                        f"{_timeout():.0f}s. {meet.hint()} {ENV_TIMEOUT} sets the wait")
+        found = lookup()
+        if found is not None:
+            return found
+        shared = self._wait(path, what)
         return resolve(**{**args, "experiment_id": shared["experiment_id"], "create_new": False})
 
     def resolve_run(self, resolve: Callable[..., str | None], args: dict[str, Any]) -> str | None:
@@ -215,6 +231,9 @@ class RankPlan:
         # Not keyed by the parent run: only rank 0 has one (the others start no MLflow run).
         path = self._path("run", args.get("experiment_id"), args.get("run_name"), args.get("run_id"),
                           occurrence=True)
+        meet = self._server(args)
+        if meet is not None:
+            return self._meet_run(meet, resolve, args, path)
         if self.rank == 0:
             rid = resolve(**args)
             if rid:
@@ -232,6 +251,37 @@ class RankPlan:
             return RankedRun(run_id, backend, client, params, tracker=tracker, plan=self)
         return Run(run_id, backend, client, params, tracker=tracker)
 
+    # -- meeting through the tracking server ---------------------------------------------------
+    @staticmethod
+    def _server(args: Mapping[str, Any]) -> ServerRendezvous | None:
+        """The server rendezvous, unless ``$MLFLOW_ER_RANK_DIR`` asks for files (or there is no server/identity)."""
+        if os.environ.get(ENV_DIR):
+            return None
+        return ServerRendezvous.detect(args.get("client"))
+
+    def _meet_run(self, meet: ServerRendezvous, resolve: Callable[..., str | None], args: dict[str, Any],
+                  path: Path) -> str | None:
+        exp_id = str(args.get("experiment_id"))
+        occurrence = int(path.stem.rsplit("-", 1)[1])  # the n of "run-<key>-<n>": same on every rank
+        key = meet.key(exp_id, args.get("run_name"), args.get("run_id"), occurrence)
+        name = args.get("run_name") or args.get("run_id") or "(unnamed)"
+        if self.rank == 0:
+            earlier = meet.previous(exp_id, key)
+            # An earlier attempt of this launch (an elastic restart) made the run: resume it by id.
+            rid = resolve(**{**args, "run_id": earlier, "run_name": None}) if earlier else resolve(**args)
+            if rid:
+                meet.publish(rid, key)
+                if not meet.strong:  # rank 0's own node meets through the file (see below)
+                    _publish(path, {"run_id": rid, "experiment_id": exp_id, "rank": self.rank, "pid": os.getpid()})
+            return rid
+        if not meet.strong and meet.same_node:
+            # A weak identity is shared with earlier launches on that address; on rank 0's node
+            # the per-launch file (keyed by the launcher's pid) tells this launch apart for sure.
+            return str(self._wait(path, f"the run {name!r}")["run_id"])
+        return poll(lambda: meet.find(exp_id, key), _timeout(),
+                    lambda: f"{self.describe()}: rank 0 did not tag the run {name!r} (block {occurrence}) in "
+                            f"experiment {exp_id} within {_timeout():.0f}s. {meet.hint()} {ENV_TIMEOUT} sets the wait")
+
     # -- the rank files ------------------------------------------------------------------------
     def _path(self, kind: str, *parts: Any, occurrence: bool = False) -> Path:
         key = hashlib.sha256(json.dumps([kind, *parts], default=str).encode()).hexdigest()[:24]
@@ -242,7 +292,7 @@ class RankPlan:
         return rank_dir() / f"{kind}-{key}.json"
 
     def _wait(self, path: Path, what: str) -> dict[str, Any]:
-        timeout = float(os.environ.get(ENV_TIMEOUT) or DEFAULT_TIMEOUT)
+        timeout = _timeout()
         deadline = time.monotonic() + timeout
         delay = 0.01
         while True:
@@ -260,6 +310,10 @@ class RankPlan:
                     f"{ENV_TIMEOUT} sets the wait")
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+
+def _timeout() -> float:
+    return float(os.environ.get(ENV_TIMEOUT) or DEFAULT_TIMEOUT)
 
 
 _lock = threading.Lock()
@@ -288,101 +342,4 @@ def _publish(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)  # readers see the whole file or none of it
 
 
-# -- what non-zero ranks get -------------------------------------------------------------------
-class InactiveBackend(Backend):
-    """The backend of an inactive rank: counts what it is given and keeps none of it."""
-
-    name = "inactive"
-    snapshots = False  # nothing is uploaded: don't copy the user's files
-
-    def __init__(self, plan: RankPlan):
-        self.plan = plan
-        self.discarded = 0
-
-    def submit(self, record: Record) -> None:
-        self.discarded += 1
-
-    def submit_many(self, records: Sequence[Record]) -> None:
-        self.discarded += len(records)
-
-    def stats(self) -> dict[str, Any]:
-        return {**self.plan.info(), "backend": self.name, "queued": 0, "delivered": 0, "failed": 0, "retries": 0,
-                "dropped": {}, "dropped_total": 0, "discarded": self.discarded, "oldest_unsent_age": 0.0}
-
-
-class InactiveClient:
-    """Stands in for ``tracker.client`` on an inactive rank: any use raises (it would reach the server)."""
-
-    def __init__(self, plan: RankPlan):
-        self._plan = plan
-
-    def __getattr__(self, name: str) -> Any:
-        raise MlflowErError(f"tracker.client.{name}: {self._plan.describe()} is inactive (ranks='zero'): "
-                            "only rank 0 talks to the tracking server")
-
-    def __repr__(self) -> str:
-        return f"<InactiveClient {self._plan.describe()}>"
-
-
-class InactiveRun(Run):
-    """A run handle that validates every call and discards the records (``ranks="zero"``, rank > 0)."""
-
-    def __init__(self, *args: Any, plan: RankPlan, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.plan = plan
-
-    def _stored(self) -> Any:
-        raise MlflowErError(f"{self.plan.describe()} is inactive (ranks='zero'): it has no run; rank 0 logs")
-
-    def __repr__(self) -> str:
-        return f"<mlflow_er.Run inactive, {self.plan.describe()}>"
-
-
-class RankedRun(Run):
-    """A handle on the run all ranks share (``ranks="all"``): metric keys suffixed, rank 0 alone logs the rest."""
-
-    def __init__(self, *args: Any, plan: RankPlan, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.plan = plan
-        self._suffix = f"/rank{plan.rank}"
-        self._keys: dict[str, str] = {}
-        self.discarded = 0
-        if plan.rank != 0:
-            self._snapshots = False  # its artifacts are discarded: don't copy them first
-            self._submit = self._metrics_only
-            self._submit_many = self._metrics_only_many
-
-    def metric_key(self, key: str) -> str:
-        """``key`` as stored for this rank: ``loss`` → ``loss/rank3``."""
-        out = self._keys.get(key)
-        if out is None:
-            check_key(key, "metric key")  # the key as written first: its errors name what the user wrote
-            out = check_key(key + self._suffix, "metric key")
-            if len(self._keys) < 100_000:
-                self._keys[key] = out
-        return out
-
-    def log_metric(self, key: str, value: float, step: int | None = None, timestamp: int | None = None) -> None:
-        """Log one metric value under ``key/rank{r}``."""
-        super().log_metric(self.metric_key(key), value, step, timestamp)
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None,
-                    timestamp: int | None = None) -> None:
-        """Log several metrics, each under ``key/rank{r}``; all are validated before any is queued."""
-        super().log_metrics({self.metric_key(k): v for k, v in metrics.items()}, step, timestamp)
-
-    def _metrics_only(self, record: Record) -> None:
-        if type(record) is Metric:
-            self._backend.submit(record)
-        else:
-            self.discarded += 1
-
-    def _metrics_only_many(self, records: Sequence[Record]) -> None:
-        keep = [r for r in records if type(r) is Metric]
-        self.discarded += len(records) - len(keep)
-        if keep:
-            self._backend.submit_many(keep)
-
-    def stats(self) -> dict[str, Any]:
-        """The backend's counters and latency, plus the rank and (other ranks) records discarded."""
-        return {**super().stats(), **self.plan.info(), "discarded": self.discarded}
+__all__ = ["InactiveBackend", "InactiveClient", "InactiveRun", "RankedRun", "RankPlan", "rank_dir"]

@@ -139,3 +139,17 @@ def memfs() -> Iterator[Any]:
         yield fsspec.filesystem("memory")
     finally:
         _clear_memfs()
+
+
+@pytest.fixture(scope="session")
+def prod(tmp_path_factory: pytest.TempPathFactory, moto_s3: MotoS3) -> Iterator[Any]:
+    """One production-shaped server for the session: PostgreSQL + moto S3 + ``mlflow server`` (tests/pg.py)."""
+    from pg import Production, require_postgres
+
+    require_postgres()
+    deployment = Production(tmp_path_factory.mktemp("prod-server"), moto_s3)
+    try:
+        deployment.start()
+        yield deployment
+    finally:
+        deployment.stop()

@@ -151,6 +151,7 @@ def test_member_uses_mlflow_run_id_and_never_ends_the_run(tracking_uri: str, no_
     no_rank_env.setenv("WORLD_SIZE", "2")
     no_rank_env.setenv("MLFLOW_RUN_ID", rid)
     no_rank_env.setenv("MLFLOW_ER_RANK_DIR", str(tmp_path / "empty"))  # nothing there: the env var must do
+    no_rank_env.setenv("TORCHELASTIC_RUN_ID", "untagged-job")  # and no server rendezvous either: nothing is tagged
     member = ExperimentTracker("shared", tracking_uri=tracking_uri, ranks="all", backend="threaded")
     with member.run(run_name="ignored") as run:
         assert run.run_id == rid
@@ -169,6 +170,7 @@ def test_member_times_out_clearly_without_rank0(tracking_uri: str, no_rank_env, 
     no_rank_env.setenv("RANK", "2")
     no_rank_env.setenv("WORLD_SIZE", "4")
     no_rank_env.setenv("MLFLOW_ER_RANK_DIR", str(tmp_path / "rankdir"))
+    no_rank_env.setenv("SLURM_JOB_ID", "99")  # a launch identity too: the rank dir still wins
     no_rank_env.setenv("MLFLOW_ER_RANK_TIMEOUT", "0.5")
     with pytest.raises(RankTimeout, match="rank 0 did not share the experiment 'nobody-made-it'.*MLFLOW_ER_RANK_DIR"):
         ExperimentTracker("nobody-made-it", tracking_uri=tracking_uri, ranks="all")
@@ -217,3 +219,159 @@ def test_each_ignores_ranks_and_zero_warns_for_sweep_launchers(tracking_uri: str
     with tracker.run(run_name="task1") as run:
         run.log_metric("loss", 1.0)
     assert tracker.rank.rank == 1 and MlflowClient(tracking_uri).get_run(run.run_id).data.metrics == {"loss": 1.0}
+
+
+# -- ranks="all" meeting through the tracking server: no shared folder ---------------------------
+MEET = Path(__file__).resolve().parent / "scripts" / "meet_worker.py"
+LAUNCH_VARS = ("MLFLOW_ER_RANK_DIR", "MLFLOW_ER_LAUNCH_ID", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+               "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_STEP_ID", "OMPI_MCA_ess_base_jobid",
+               "PMIX_NAMESPACE")
+
+
+def start_launch(tmp_path: Path, uri: str, world: int, launch: dict[str, str], steps: int,
+                 *extra: str, attempt: str = "a0") -> list[subprocess.Popen[str]]:
+    """One process per rank, each with its own temp dir, cwd and TMPDIR: the ranks share no folder."""
+    procs = []
+    for r in range(world):
+        home = tmp_path / f"{attempt}-host{r}"
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in RANK_VARS + LAUNCH_VARS}
+        env.update(launch, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK="0", TMPDIR=str(home),
+                   MLFLOW_ER_RANK_TIMEOUT="60", MLFLOW_ER_STAGING_DIR=str(home / "staging"),
+                   MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+        procs.append(subprocess.Popen([sys.executable, str(MEET), uri, str(steps), *extra], cwd=home, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      stdin=subprocess.DEVNULL))
+    return procs
+
+
+@pytest.mark.timeout(210)  # + the session server's start, charged to the first user
+def test_all_ranks_meet_through_the_server_with_no_shared_folder(prod, tmp_path: Path, no_rank_env) -> None:
+    launch = {"TORCHELASTIC_RUN_ID": f"job-{tmp_path.name}", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+    out = {r["rank"]: r for r in results(start_launch(tmp_path, prod.uri, 3, launch, 120))}
+    [rid] = {r["run_id"] for r in out.values()}
+    assert prod.metric_rows(rid) == {f"loss/rank{r}": (120, 120) for r in range(3)}
+    run = MlflowClient(prod.uri).get_run(rid)
+    assert run.info.status == "FINISHED" and run.data.params == {"world": "3"}
+    assert run.data.tags["mlflow_er.launch"] == f"torchelastic=job-{tmp_path.name}"
+    assert [out[r]["stats"]["role"] for r in range(3)] == ["leader", "member", "member"]
+    # Nothing was exchanged through files: no rank folder exists in any rank's temp dir.
+    assert not list(tmp_path.glob("*/mlflow-er-ranks-*"))
+
+
+@pytest.mark.timeout(240)  # + the session server's start, charged to the first user
+def test_elastic_restart_resumes_the_same_run(prod, tmp_path: Path, no_rank_env) -> None:
+    launch = {"TORCHELASTIC_RUN_ID": f"elastic-{tmp_path.name}", "MASTER_ADDR": "node0"}
+    first = results(start_launch(tmp_path, prod.uri, 2, {**launch, "MASTER_PORT": "29500",
+                                                          "TORCHELASTIC_RESTART_COUNT": "0"}, 60))
+    # The agent restarts every worker (a new rendezvous round: a new port), same job id.
+    again = results(start_launch(tmp_path, prod.uri, 2, {**launch, "MASTER_PORT": "29611",
+                                                          "TORCHELASTIC_RESTART_COUNT": "1"}, 60, attempt="a1"))
+    [rid] = {r["run_id"] for r in first + again}
+    # Each attempt logged steps 0..59 once per rank: twice the rows, the same 60 steps.
+    assert prod.metric_rows(rid) == {"loss/rank0": (120, 60), "loss/rank1": (120, 60)}
+    run = MlflowClient(prod.uri).get_run(rid)
+    assert run.data.tags["mlflow_er.restart"] == "1" and run.info.status == "FINISHED"
+    # Rank 0 of a different job (another id) starts a run of its own (here, in this process).
+    for name in LAUNCH_VARS:
+        no_rank_env.delenv(name, raising=False)
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": f"next-{tmp_path.name}",
+                 "TORCHELASTIC_RESTART_COUNT": "1"}.items():
+        no_rank_env.setenv(k, v)
+    with ExperimentTracker("meet-exp", tracking_uri=prod.uri, ranks="all").run() as other:
+        assert other.run_id != rid
+
+
+@pytest.mark.timeout(30)
+def test_member_times_out_through_the_server_saying_what_to_check(tracking_uri: str, no_rank_env) -> None:
+    for name in LAUNCH_VARS:
+        no_rank_env.delenv(name, raising=False)
+    no_rank_env.setenv("RANK", "1")
+    no_rank_env.setenv("WORLD_SIZE", "2")
+    no_rank_env.setenv("SLURM_JOB_ID", "4242")
+    no_rank_env.setenv("SLURM_STEP_ID", "0")
+    no_rank_env.setenv("MLFLOW_ER_RANK_TIMEOUT", "0.5")
+    with pytest.raises(RankTimeout, match=r"rank 0 did not create the experiment 'not-yet'.*slurm=4242\.0"):
+        ExperimentTracker("not-yet", tracking_uri=tracking_uri, ranks="all")
+    MlflowClient(tracking_uri).create_experiment("exists")
+    member = ExperimentTracker("exists", tracking_uri=tracking_uri, ranks="all")
+    with pytest.raises(RankTimeout, match=r"did not tag the run 'r1'.*mlflow_er\.launch='slurm=4242\.0'.*"
+                                          r"MLFLOW_RUN_ID"):
+        with member.run(run_name="r1"):
+            pass
+    assert MlflowClient(tracking_uri).search_runs([member.id]) == []  # a member never creates a run
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, None),
+    ({"MASTER_ADDR": "n0", "MASTER_PORT": "29500"}, ("master=n0:29500", False)),
+    ({"TORCHELASTIC_RUN_ID": "none", "MASTER_ADDR": "n0", "MASTER_PORT": "1"}, ("master=n0:1", False)),
+    ({"TORCHELASTIC_RUN_ID": "abc", "MASTER_ADDR": "n0", "MASTER_PORT": "1"}, ("torchelastic=abc", True)),
+    ({"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "3", "TORCHELASTIC_RESTART_COUNT": "2"}, ("slurm=77.3", True)),
+    ({"OMPI_MCA_ess_base_jobid": "99"}, ("ompi=99", True)),
+    ({"MLFLOW_ER_LAUNCH_ID": "mine", "PMIX_NAMESPACE": "ns"}, ("id=mine pmix=ns", True)),
+])
+def test_launch_identity(env: dict[str, str], expected: tuple | None) -> None:
+    from mlflow_er.rendezvous import launch_identity
+
+    assert launch_identity(env) == expected
+
+
+def test_weak_identity_never_resumes_and_ignores_runs_older_than_the_member(tracking_uri: str) -> None:
+    from mlflow_er.rendezvous import ServerRendezvous
+
+    client = MlflowClient(tracking_uri)
+    exp = client.create_experiment("weak")
+    env = {"MASTER_ADDR": "n0", "MASTER_PORT": "29500", "MLFLOW_ER_RANK_SKEW": "0"}
+    meet = ServerRendezvous.detect(client, env)
+    assert meet is not None and not meet.strong
+    key = meet.key(exp, "r", None, 1)
+    stale = client.create_run(exp, start_time=1000).info.run_id  # an earlier launch on the same address
+    meet.publish(stale, key)
+    assert meet.previous(exp, key) is None  # rank 0 starts a new run
+    assert meet.find(exp, key) is None  # members wait for it
+    fresh = client.create_run(exp).info.run_id
+    meet.publish(fresh, key)
+    assert meet.find(exp, key) == fresh
+    strong = ServerRendezvous.detect(client, {"SLURM_JOB_ID": "5"})
+    assert strong is not None and strong.find(exp, strong.key(exp, "r", None, 1)) is None  # another launch
+
+
+@pytest.mark.timeout(30)
+def test_weak_identity_members_on_rank0s_node_use_the_launch_file(tracking_uri: str, no_rank_env,
+                                                                  tmp_path: Path) -> None:
+    import tempfile
+    import uuid
+
+    from mlflow_er.rendezvous import ServerRendezvous
+
+    for name in LAUNCH_VARS:
+        no_rank_env.delenv(name, raising=False)
+    no_rank_env.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own per-launch folders
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": "1", "WORLD_SIZE": "2",
+                 "GROUP_RANK": "0", "MLFLOW_ER_RANK_TIMEOUT": "0.5"}.items():
+        no_rank_env.setenv(k, v)
+    client = MlflowClient(tracking_uri)
+    exp = client.create_experiment("weak-node")
+
+    def earlier_launch_tagged(name: str) -> str:
+        """A run an earlier launch on the same MASTER_ADDR:PORT tagged moments ago."""
+        meet = ServerRendezvous.detect(client)
+        assert meet is not None and not meet.strong
+        rid = client.create_run(exp).info.run_id
+        meet.publish(rid, meet.key(exp, name, None, 1))
+        return rid
+
+    same = f"same-node-{uuid.uuid4().hex[:6]}"
+    earlier_launch_tagged(same)
+    member = ExperimentTracker("weak-node", tracking_uri=tracking_uri, ranks="all")
+    # On rank 0's node the member waits for this launch's file and never joins the earlier run.
+    with pytest.raises(RankTimeout, match="rank 0 did not share the run"):
+        with member.run(run_name=same):
+            pass
+    # On another node only the server can tell: the recent tagged run is taken (documented limit).
+    no_rank_env.setenv("GROUP_RANK", "1")
+    other = f"other-node-{uuid.uuid4().hex[:6]}"
+    stale = earlier_launch_tagged(other)
+    with ExperimentTracker("weak-node", tracking_uri=tracking_uri, ranks="all").run(run_name=other) as run:
+        assert run.run_id == stale
