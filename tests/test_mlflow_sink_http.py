@@ -34,3 +34,16 @@ def test_json_body_round_trips_through_a_real_server(mlflow_server) -> None:
             assert stored.value == v
     assert data.params == {"quote": 'a "quoted" \\ value\n', "unicode": "héllo ✓"}
     assert data.tags["path/like:key"] == "x" * 8000
+
+
+def test_a_server_out_of_database_connections_is_retried_not_bisected() -> None:
+    """MLflow answers BAD_REQUEST when its SQLAlchemy pool runs dry (16 writers on PostgreSQL did it)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+    from mlflow_er.sinks.mlflow import classify_mlflow_exception
+
+    pool = MlflowException("QueuePool limit of size 5 overflow 10 reached, connection timed out, timeout 30.00",
+                           BAD_REQUEST)
+    assert classify_mlflow_exception(pool).transient
+    assert not classify_mlflow_exception(MlflowException("Invalid value for metric 'x'", BAD_REQUEST)).transient

@@ -75,6 +75,16 @@ def run_rejected(code: str, message: str) -> bool:
     return bool(_RUN_GONE.search(message))
 
 
+def overloaded(message: str) -> bool:
+    """The server's database pool ran dry: MLflow reports it as BAD_REQUEST, but retrying is right.
+
+    (MLflow turns SQLAlchemy's pool ``TimeoutError`` — "QueuePool limit of size N overflow M
+    reached, connection timed out" — into ``BAD_REQUEST``; found with 16 writers on PostgreSQL.)
+    """
+    text = message.lower()
+    return "queuepool limit" in text or ("connection timed out" in text and "pool" in text)
+
+
 def classify_mlflow_exception(exc: MlflowException) -> SinkError:
     """Turn an ``MlflowException`` from a store into a transient or permanent :class:`SinkError`.
 
@@ -84,7 +94,8 @@ def classify_mlflow_exception(exc: MlflowException) -> SinkError:
     status = exc.get_http_status_code() if hasattr(exc, "get_http_status_code") else 500
     message = str(exc.message if hasattr(exc, "message") else exc)
     whole_run = run_rejected(code, message)
-    transient = not whole_run and (code in TRANSIENT_CODES or (code == "" and status in TRANSIENT_HTTP))
+    transient = not whole_run and (code in TRANSIENT_CODES or (code == "" and status in TRANSIENT_HTTP)
+                                   or overloaded(message))
     err = SinkError(redact(f"{code or 'error'}: {message}"), transient=transient, whole_run=whole_run)
     return _caused_by(err, exc)
 
@@ -138,7 +149,8 @@ def check_reply(resp: Any, what: str, *, json_object: bool = True) -> None:
     if status != 200 and is_object and error_code:
         message = str(payload.get("message") or "")
         whole_run = run_rejected(error_code, message)
-        transient = not whole_run and (status in TRANSIENT_HTTP or error_code in TRANSIENT_CODES)
+        transient = not whole_run and (status in TRANSIENT_HTTP or error_code in TRANSIENT_CODES
+                                       or overloaded(message))
         raise SinkError(redact(f"HTTP {status} {error_code}: {message}").strip(), transient=transient,
                         retry_after=retry_after, whole_run=whole_run)
     kind = "an HTML page" if "html" in ctype else f"content type {ctype or 'none'}"

@@ -73,11 +73,12 @@ def _freeze(src: str, dst: str, may_link: bool) -> None:
     if may_link:
         try:
             os.link(src, dst)
-            return
+            return  # our own private snapshot's inode: never chmod a link to the user's file
         except OSError:
             pass  # another filesystem: clone or copy
     if not _reflink(src, dst):
         shutil.copyfile(src, dst)
+    os.chmod(dst, 0o600)  # a copy is made 0666 & ~umask: spool files are this user's alone
 
 
 def _fsync_path(path: Path) -> None:
@@ -184,6 +185,8 @@ class SpoolSink(Sink):
         try:
             if artifact.is_dir or src.is_dir():
                 shutil.copytree(src, dst, copy_function=take)
+                for folder in [dst, *(d for d in dst.rglob("*") if d.is_dir())]:
+                    os.chmod(folder, 0o700)  # copytree copies the source folders' modes
                 files = [f for f in dst.rglob("*") if f.is_file()]
             else:
                 take(str(src), str(dst))
