@@ -33,7 +33,8 @@ import os
 import threading
 from typing import Any
 
-from .errors import DeliveryError, FailedRecord, InvalidRecord
+from . import scheme_checks as checks
+from .errors import DeliveryError, FailedRecord, InvalidRecord, MlflowErError
 from .mlflow_uris import MODES, install_companions, split_uri
 from .mlflow_uris import inner_uri as inner_uri  # re-exported: the mlflow sink strips prefixes with it
 from .records import Metric, Param, RunEnd, RunStart, Tag
@@ -42,7 +43,6 @@ from .validation import (
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
     check_key,
-    check_param_unchanged,
     check_param_value,
     check_tag_value,
     check_timestamp,
@@ -63,33 +63,6 @@ def flush_timeout() -> float:
         return DEFAULT_FLUSH_TIMEOUT
 
 
-def _invalid(exc: InvalidRecord) -> Exception:
-    # Code written for MLflow catches MlflowException; the cause keeps mlflow-er's detail.
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-    err = MlflowException(str(exc), INVALID_PARAMETER_VALUE)
-    err.__cause__ = exc
-    return err
-
-
-def _fit(kind: str, key: str, value: str, limit: int) -> str:
-    """Truncate as MLflow's own stores do when ``MLFLOW_TRUNCATE_LONG_VALUES`` is on (its default).
-
-    Unchanged MLflow code (autolog logs every estimator parameter) expects MLflow's rule;
-    rejecting the value would lose the whole call. With the variable off, it raises.
-    """
-    if len(value) <= limit:
-        return value
-    from mlflow.environment_variables import MLFLOW_TRUNCATE_LONG_VALUES
-
-    if not MLFLOW_TRUNCATE_LONG_VALUES.get():
-        return value  # the check that follows raises
-    log.warning("%s %r value (%d characters) is truncated to %d characters, as MLflow does",
-                kind, key, len(value), limit)
-    return value[:limit]
-
-
 # -- the per-process delivery path ---------------------------------------------------------------
 class _Route:
     """One backend and its sinks for one (mode, inner URI), shared by every store MLflow builds for it."""
@@ -107,31 +80,86 @@ class _Route:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.seqs: dict[str, itertools.count] = {}
+        # Params of a run as the store holds them (a run created here starts empty; any other
+        # run is fetched once, at its first param write), so a conflict raises at the call.
         self.params: dict[str, dict[str, str]] = {}
-        self.live: set[str] = set()  # runs started or written here and not ended here
+        self.live: set[str] = set()  # runs started or resumed here and not ended since
         self.failures: list[FailedRecord] = []  # kept until their run ends (or an explicit flush)
+        # Read your writes: a run with records submitted since the last flush. Set after the
+        # submit and popped before the flush, so a write racing a read is never missed.
+        self.dirty: dict[str, bool] = {}
+        self.submits = itertools.count()  # next() after every submit (LiveSync compares it)
+        self.live_sync: Any = None
+        spool = next((lane.sink for lane in self.pipeline.lanes if lane.durable and hasattr(lane.sink, "writer")),
+                     None)
+        if mode == "spool" and spool is not None:
+            from .scheme_sync import LiveSync
+
+            self.live_sync = LiveSync(spool, inner, self.submits)
         atexit.register(self._at_exit)
 
     def seq(self, run_id: str) -> itertools.count:
         seq = self.seqs.get(run_id)
         if seq is None:
+            checks.check_run_id(run_id)  # MLflow's rule, once per run
             with self.lock:
                 seq = self.seqs.setdefault(run_id, itertools.count())
-                self.live.add(run_id)
         return seq
+
+    def submit(self, run_id: str, out: list[Any]) -> None:
+        try:
+            if len(out) == 1:
+                self.backend.submit(out[0])
+            else:
+                self.backend.submit_many(out)
+        except MlflowErError as exc:  # QueueFull, BackendClosed: through MLflow's API, as MLflow's kind
+            raise checks.as_mlflow(exc) from exc
+        self.dirty[run_id] = True
+        next(self.submits)
+
+    def wait_for(self, run_id: str | None = None) -> None:
+        """Before a read of ``run_id`` (``None``: any run): deliver what was logged to it first.
+
+        Costs one dict lookup when nothing is queued; bounded by :func:`flush_timeout`.
+        """
+        if run_id is None:
+            if not self.dirty:
+                return
+            waiting = dict(self.dirty)
+            self.dirty.clear()
+        elif self.dirty.pop(run_id, None) is None:
+            return
+        else:
+            waiting = {run_id: True}
+        try:
+            self.flush(flush_timeout())
+        except DeliveryError:
+            self.dirty.update(waiting)
+            raise
 
     def flush(self, timeout: float | None) -> None:
         """Wait for delivery, keeping what failed for the end of its run; raise only if time ran out."""
+        token = self.live_sync.begin() if self.live_sync is not None else 0
+        clean = True
         try:
             self.backend.flush(timeout)
         except DeliveryError as exc:
             with self.lock:
                 self.failures.extend(exc.failed)
+            if self.live_sync is not None and any(not f.permanent for f in exc.failed):
+                self.live_sync.freeze(f"{sum(not f.permanent for f in exc.failed)} record(s) not delivered live")
             if exc.unsent:
-                raise DeliveryError(unsent=exc.unsent, message=f"{self.uri}: {exc}") from None
+                raise checks.delivery_error(unsent=exc.unsent, message=f"{self.uri}: {exc}") from None
+            clean = not any(not f.permanent for f in exc.failed)
+        if self.live_sync is not None:
+            self.live_sync.flushed(token, clean)
 
     def take(self, run_id: str | None = None) -> list[FailedRecord]:
-        """Failures of ``run_id`` and of runs not live here any more (all of them for ``None``)."""
+        """Failures of ``run_id`` and of runs not live here (all of them for ``None``).
+
+        A write to a run that is not live (ended, or never started here) is reported by the next
+        run end, flush or exit, whichever comes first.
+        """
         mine: list[FailedRecord] = []
         kept: list[FailedRecord] = []
         with self.lock:
@@ -140,36 +168,111 @@ class _Route:
             self.failures = kept
         return mine
 
+    def params_of(self, store: Any, run_id: str) -> dict[str, str]:
+        """The run's params as the store holds them (fetched once for a run not created here)."""
+        known = self.params.get(run_id)
+        if known is None:
+            self.wait_for(run_id)
+            held = dict(store._er_get_run(run_id).data.params)  # MLflow's own "run not found" if it is not there
+            with self.lock:
+                known = self.params.setdefault(run_id, held)
+        return known
+
+    def write(self, store: Any, run_id: str, metrics: Any, params: Any, tags: Any, single: bool) -> list[Any]:
+        """Validate (MLflow's errors), check params against the store, queue; return metrics linked to models."""
+        seq = self.seq(run_id)
+        recs: list[Any] = []
+        linked = []
+        try:
+            for m in metrics:
+                if m.model_id or m.dataset_name or m.dataset_digest:
+                    linked.append(m)  # a record cannot carry the LoggedModel/dataset link
+                    continue
+                key, ts = m.key, m.timestamp
+                value, step = metric_fields(key, m.value, m.step)
+                if type(ts) is not int or not 0 <= ts <= INT64_MAX:
+                    ts = check_timestamp(key, ts)
+                recs.append((key, value, ts, step))
+            pvals = []
+            for p in params:
+                key = check_key(p.key, "param key")
+                pvals.append((key, check_param_value(key, checks.fitted("param", key, str(p.value),
+                                                                        MAX_PARAM_VALUE_LENGTH))))
+            tag_recs = [(check_key(t.key, "tag key"),
+                         check_tag_value(t.key, checks.fitted("tag", t.key, str(t.value), MAX_TAG_VALUE_LENGTH)))
+                        for t in tags]
+        except InvalidRecord as exc:
+            checks.raise_mlflows_error(exc, run_id, metrics, params, tags, single)
+            raise  # not reached: the line above always raises
+        if not single:
+            checks.check_batch_shape(params, metrics, tags)
+        staged: dict[str, str] = {}
+        if pvals:
+            known = self.params_of(store, run_id)
+            changes = []
+            for key, pval in pvals:
+                prev = known.get(key)
+                if prev is None:
+                    staged[key] = pval
+                elif prev != pval:
+                    changes.append((key, prev, pval))
+            if changes:
+                raise checks.param_conflict(run_id, changes, single)
+        # Everything validated: only now is anything queued (a log_batch is all or nothing).
+        out: list[Any] = [Metric(run_id, k, v, ts, s, next(seq)) for k, v, ts, s in recs]
+        if staged or tag_recs:
+            now = _now_ms()
+            if staged:
+                with self.lock:
+                    known.update(staged)
+                out += [Param(run_id, k, v, now, next(seq)) for k, v in staged.items()]
+            out += [Tag(run_id, k, v, now, next(seq)) for k, v in tag_recs]
+        if out:
+            self.submit(run_id, out)
+        return linked
+
     def start_run(self, run: Any) -> None:
         """The run's start goes into the stream (the spool records it, for `mlflow-er sync`)."""
-        seq = self.seq(run.info.run_id)
+        run_id = run.info.run_id
+        seq = self.seq(run_id)
         tags = dict(run.data.tags) if run.data else {}
-        self.backend.submit(RunStart(run.info.run_id, _now_ms(), next(seq), run.info.run_name,
-                                     tags.get("mlflow.parentRunId"), tags.get("mlflow.note.content"), tags))
+        with self.lock:
+            self.live.add(run_id)
+            self.params[run_id] = dict(run.data.params) if run.data else {}
+        self.submit(run_id, [RunStart(run_id, _now_ms(), next(seq), run.info.run_name,
+                                      tags.get("mlflow.parentRunId"), tags.get("mlflow.note.content"), tags)])
+
+    def resume(self, run_id: str) -> None:
+        with self.lock:
+            self.live.add(run_id)
 
     def end_run(self, run_id: str, status: str) -> None:
         """Queue the run's end after its records; the caller flushes, then takes the failures."""
-        self.backend.submit(RunEnd(run_id, _now_ms(), next(self.seq(run_id)), status))
+        self.submit(run_id, [RunEnd(run_id, _now_ms(), next(self.seq(run_id)), status)])
 
     def forget(self, run_id: str) -> list[FailedRecord]:
         with self.lock:
             self.live.discard(run_id)
-            self.params.pop(run_id, None)
-            self.seqs.pop(run_id, None)
+            self.params.pop(run_id, None)  # a later write (resumed, or after the end) fetches them again
         return self.take(run_id)
 
     def _at_exit(self) -> None:
         # Before the backends' own drain (atexit is LIFO): what failed must be logged, not kept.
         if self.pid != os.getpid():
             return
+        clean = False
         try:
             self.backend.close(getattr(self.backend, "close_timeout", 30.0))
+            clean = True
         except DeliveryError as exc:
             self.failures.extend(exc.failed)
+            clean = not exc.unsent and all(f.permanent for f in exc.failed)
             if exc.unsent:
                 log.error("mlflow-er %s: at exit, %d record(s) unsent", self.uri, exc.unsent)
         except Exception:
             log.exception("mlflow-er %s: closing at exit failed", self.uri)
+        if clean and self.live_sync is not None:
+            self.live_sync.closed()
         left = self.take()
         if left:
             log.error("mlflow-er %s: at exit, %s", self.uri, DeliveryError(left))
@@ -197,9 +300,9 @@ if hasattr(os, "register_at_fork"):
 def flush(timeout: float | None = None) -> None:
     """Wait until every record logged through the schemes in this process is delivered.
 
-    Raises :class:`DeliveryError` for everything that failed so far (any run) or is still
-    unsent after ``timeout``. ``mlflow.flush_async_logging()`` does the same for the
-    current tracking URI.
+    Raises :class:`DeliveryError` (also an ``MlflowException``) for everything that failed so
+    far (any run) or is still unsent after ``timeout``. ``mlflow.flush_async_logging()`` does
+    the same for the current tracking URI.
     """
     failed: list[FailedRecord] = []
     unsent = 0
@@ -210,7 +313,7 @@ def flush(timeout: float | None = None) -> None:
             unsent += exc.unsent
         failed += route.take()
     if failed or unsent:
-        raise DeliveryError(failed, unsent=unsent)
+        raise checks.delivery_error(failed, unsent=unsent)
 
 
 def stats() -> dict[str, dict[str, Any]]:
@@ -225,62 +328,29 @@ class RoutedWrites:
     _er_key: tuple[str, str]
 
     # -- the hot path --------------------------------------------------------------------------
-    def log_batch(self, run_id: str, metrics: Any = (), params: Any = (), tags: Any = ()) -> None:
+    def _er_write(self, run_id: str, metrics: Any, params: Any, tags: Any, single: bool) -> None:
         route = _routes.get(self._er_key) or _route(self._er_key)
-        seq = route.seq(run_id)
-        recs: list[Any] = []
-        linked = []
-        staged: dict[str, str] = {}
-        try:
-            for m in metrics:
-                if m.model_id or m.dataset_name or m.dataset_digest:
-                    linked.append(m)  # a record cannot carry the LoggedModel/dataset link
-                    continue
-                key, ts = m.key, m.timestamp
-                value, step = metric_fields(key, m.value, m.step)
-                if type(ts) is not int or not 0 <= ts <= INT64_MAX:
-                    ts = check_timestamp(key, ts)
-                recs.append((key, value, ts, step))
-            if params:
-                known = route.params.get(run_id, {})
-                for p in params:
-                    key = check_key(p.key, "param key")
-                    pval = check_param_value(key, _fit("Param", key, str(p.value), MAX_PARAM_VALUE_LENGTH))
-                    prev = staged.get(key, known.get(key))
-                    check_param_unchanged(key, prev, pval)
-                    if prev is None:
-                        staged[key] = pval
-            tag_recs = [(check_key(t.key, "tag key"),
-                         check_tag_value(t.key, _fit("Tag", t.key, str(t.value), MAX_TAG_VALUE_LENGTH)))
-                        for t in tags]
-        except InvalidRecord as exc:
-            raise _invalid(exc) from exc
-        # Everything validated: only now is anything queued (a log_batch is all or nothing).
-        out: list[Any] = [Metric(run_id, k, v, ts, s, next(seq)) for k, v, ts, s in recs]
-        if staged or tag_recs:
-            now = _now_ms()
-            if staged:
-                with route.lock:
-                    route.params.setdefault(run_id, {}).update(staged)
-                out += [Param(run_id, k, v, now, next(seq)) for k, v in staged.items()]
-            out += [Tag(run_id, k, v, now, next(seq)) for k, v in tag_recs]
-        if len(out) == 1:
-            route.backend.submit(out[0])
-        elif out:
-            route.backend.submit_many(out)
+        linked = route.write(self, run_id, metrics, params, tags, single)
         if linked:
             # Straight to the store, after everything before it: MLflow links these to a model.
             route.flush(flush_timeout())
-            super().log_batch(run_id, metrics=linked, params=[], tags=[])  # type: ignore[misc]
+            route.dirty.pop(run_id, None)
+            if single:
+                super().log_metric(run_id, linked[0])  # type: ignore[misc]
+            else:
+                super().log_batch(run_id, metrics=linked, params=[], tags=[])  # type: ignore[misc]
+
+    def log_batch(self, run_id: str, metrics: Any = (), params: Any = (), tags: Any = ()) -> None:
+        self._er_write(run_id, metrics, params, tags, False)
 
     def log_metric(self, run_id: str, metric: Any) -> None:
-        self.log_batch(run_id, (metric,), (), ())
+        self._er_write(run_id, (metric,), (), (), True)
 
     def log_param(self, run_id: str, param: Any) -> None:
-        self.log_batch(run_id, (), (param,), ())
+        self._er_write(run_id, (), (param,), (), True)
 
     def set_tag(self, run_id: str, tag: Any) -> None:
-        self.log_batch(run_id, (), (), (tag,))
+        self._er_write(run_id, (), (), (tag,), True)
 
     # MLflow's async API: our path never blocks, so the returned operation is already done.
     # Delivery errors surface where the run ends, as for the synchronous calls.
@@ -289,13 +359,41 @@ class RoutedWrites:
         return _done()
 
     def log_metric_async(self, run_id: str, metric: Any) -> Any:
-        return self.log_batch_async(run_id, (metric,), (), ())
+        self.log_metric(run_id, metric)
+        return _done()
 
     def log_param_async(self, run_id: str, param: Any) -> Any:
-        return self.log_batch_async(run_id, (), (param,), ())
+        self.log_param(run_id, param)
+        return _done()
 
     def set_tag_async(self, run_id: str, tag: Any) -> Any:
-        return self.log_batch_async(run_id, (), (), (tag,))
+        self.set_tag(run_id, tag)
+        return _done()
+
+    # -- reads see the writes before them ------------------------------------------------------
+    def _er_wait(self, run_id: str | None) -> None:
+        route = _routes.get(self._er_key)
+        if route is not None and route.dirty:
+            route.wait_for(run_id)
+
+    def _er_get_run(self, run_id: str) -> Any:
+        return super().get_run(run_id)  # type: ignore[misc]
+
+    def get_run(self, run_id: str) -> Any:
+        self._er_wait(run_id)
+        return super().get_run(run_id)  # type: ignore[misc]
+
+    def search_runs(self, *args: Any, **kwargs: Any) -> Any:
+        self._er_wait(None)  # any run may match
+        return super().search_runs(*args, **kwargs)  # type: ignore[misc]
+
+    def get_metric_history(self, run_id: str, *args: Any, **kwargs: Any) -> Any:
+        self._er_wait(run_id)
+        return super().get_metric_history(run_id, *args, **kwargs)  # type: ignore[misc]
+
+    def get_metric_history_bulk_interval_from_steps(self, run_id: str, *args: Any, **kwargs: Any) -> Any:
+        self._er_wait(run_id)
+        return super().get_metric_history_bulk_interval_from_steps(run_id, *args, **kwargs)  # type: ignore[misc]
 
     # -- writes that must come after what is queued ----------------------------------------------
     def _er_in_order(self) -> None:
@@ -338,9 +436,12 @@ class RoutedWrites:
         ending = run_status is not None and RunStatus.is_terminated(run_status)
         if ending:
             route.end_run(run_id, RunStatus.to_string(run_status))
+        elif run_status == RunStatus.RUNNING:
+            route.resume(run_id)  # mlflow.start_run(run_id=...): live here until it ends again
         late: DeliveryError | None = None
         try:
             route.flush(flush_timeout())
+            route.dirty.pop(run_id, None)
         except DeliveryError as exc:
             if not ending:
                 raise
@@ -349,7 +450,7 @@ class RoutedWrites:
         if ending:
             failed = route.forget(run_id)
             if failed or late:
-                error = DeliveryError(failed, unsent=late.unsent if late else 0)
+                error = checks.delivery_error(failed, unsent=late.unsent if late else 0)
                 if run_status != RunStatus.FINISHED:
                     # The run failed or was killed: its own exception is what the user must see.
                     log.error("mlflow-er: run %s ended %s; %s", run_id, RunStatus.to_string(run_status), error)
@@ -362,9 +463,10 @@ class RoutedWrites:
         route = _routes.get(self._er_key)
         if route is not None:
             route.flush(flush_timeout())
+            route.dirty.clear()
             failed = route.take()
             if failed:
-                raise DeliveryError(failed)
+                raise checks.delivery_error(failed)
         super().flush_async_logging()  # type: ignore[misc]
 
 
