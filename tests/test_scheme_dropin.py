@@ -24,6 +24,53 @@ from mlflow.exceptions import MlflowException
 from mlflow_er import DeliveryError, mlflow_store
 
 
+@pytest.fixture(scope="module")
+def _template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One migrated MLflow database per module: creating one costs seconds, copying it nothing."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "artifacts")).engine.dispose()
+    return path
+
+
+@pytest.fixture
+def tracking_uri(_template_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The conftest's fixture (a fresh SQLite store in ``tmp_path``), from a copy of the template."""
+    import shutil
+
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous = getattr(tracking_utils, "_tracking_uri", None)
+    shutil.copyfile(_template_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def slow_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every batch the scheme delivers takes 0.2 s more: a read that does not wait for it sees stale data."""
+    import time
+
+    from mlflow_er.sinks.mlflow import MlflowSink
+
+    original = MlflowSink.write_batch
+
+    def slow(self: MlflowSink, batch: Any) -> None:
+        time.sleep(0.2)
+        original(self, batch)
+
+    monkeypatch.setattr(MlflowSink, "write_batch", slow)
+
+
 @pytest.fixture
 def use_uri(tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], str]]:
     """``use_uri(uri)`` makes ``uri`` MLflow's tracking URI for the test; the plain one is restored after."""
@@ -46,7 +93,7 @@ def use_uri(tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
 
 # -- lost updates: MLflow reads a tag, then writes it back -------------------------------------
 @pytest.mark.timeout(60)
-def test_two_log_table_calls_keep_both_tables(use_uri, tracking_uri: str) -> None:
+def test_two_log_table_calls_keep_both_tables(use_uri, tracking_uri: str, slow_store: None) -> None:
     use_uri("threaded+" + tracking_uri)
     with mlflow.start_run() as active:
         mlflow.log_table({"a": [1, 2]}, "t1.json")
@@ -57,7 +104,7 @@ def test_two_log_table_calls_keep_both_tables(use_uri, tracking_uri: str) -> Non
 
 
 @pytest.mark.timeout(60)
-def test_two_prompt_links_keep_both_prompts(use_uri, tracking_uri: str) -> None:
+def test_two_prompt_links_keep_both_prompts(use_uri, tracking_uri: str, slow_store: None) -> None:
     use_uri("threaded+" + tracking_uri)
     p1 = mlflow.genai.register_prompt("p1", "hello {{name}}")
     p2 = mlflow.genai.register_prompt("p2", "bye {{name}}")
@@ -71,7 +118,7 @@ def test_two_prompt_links_keep_both_prompts(use_uri, tracking_uri: str) -> None:
 
 # -- read your writes ---------------------------------------------------------------------------
 @pytest.mark.timeout(60)
-def test_reads_see_the_writes_before_them(use_uri, tracking_uri: str) -> None:
+def test_reads_see_the_writes_before_them(use_uri, tracking_uri: str, slow_store: None) -> None:
     use_uri("threaded+" + tracking_uri)
     client = MlflowClient()
     with mlflow.start_run() as active:
@@ -209,7 +256,8 @@ def test_param_conflict_with_a_run_from_elsewhere_raises_at_the_call(use_uri, tr
 
 # -- writes after a run's end ---------------------------------------------------------------------
 @pytest.mark.timeout(60)
-def test_writes_after_end_are_delivered_and_their_failures_surface(use_uri, tracking_uri: str) -> None:
+def test_writes_after_end_are_delivered_and_their_failures_surface(use_uri, tracking_uri: str,
+                                                                   slow_store: None) -> None:
     use_uri("threaded+" + tracking_uri)
     client = MlflowClient()
     with mlflow.start_run() as first:
