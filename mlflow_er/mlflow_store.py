@@ -519,4 +519,8 @@ def build_store(store_uri: str, artifact_uri: str | None = None, **_: Any) -> An
     store.__class__ = _routed_class(type(store))
     store._er_key = (mode, inner)
     install_companions(build_store)
+    from . import scheme_fluent
+
+    scheme_fluent.register(store_uri, (mode, inner))
+    scheme_fluent.install()
     return store
