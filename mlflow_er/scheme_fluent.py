@@ -79,7 +79,7 @@ def _patch() -> None:
     from mlflow.tracking import fluent
     from mlflow.tracking._tracking_service.utils import get_tracking_uri
 
-    from . import mlflow_store as ms
+    from . import scheme_route as ms
 
     originals = {name: getattr(fluent, name) for name in NAMES}
     if any(getattr(f, "_mlflow_er_fast", False) for f in originals.values()):
@@ -107,7 +107,7 @@ def _patch() -> None:
             return None
         return stack[-1]
 
-    def plain_run(client_method: str, metrics: bool = False) -> tuple[Any, str | None]:
+    def plain_run(client_method: str, metrics: bool = False) -> tuple[Any, Any]:
         route = route_for(client_method)
         if route is None:
             return None, None
