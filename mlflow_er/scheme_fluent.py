@@ -231,7 +231,7 @@ def _patch() -> None:
 
     def set_tags(tags: dict[str, Any], synchronous: bool | None = None) -> Any:
         route, rid = plain_run("log_batch") if tags else (None, None)
-        if route is not None:
+        if route is not None and rid is not None:
             recs = tags_fast(route, rid, tags.items())
             if recs is not None:
                 route.submit(rid, recs)
