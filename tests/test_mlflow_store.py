@@ -313,3 +313,67 @@ def test_uri_helpers() -> None:
     assert mlflow_store.split_uri("spool+sqlite:////tmp/a+b.db") == ("spool", "sqlite:////tmp/a+b.db")
     assert mlflow_store.split_uri("sqlite:////tmp/a+b.db") == (None, "sqlite:////tmp/a+b.db")
     assert mlflow_store.inner_uri("https://h") == "https://h" and mlflow_store.inner_uri(None) is None
+
+
+@pytest.mark.timeout(60)
+def test_fluent_fast_path_keeps_mlflows_semantics(use_uri, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from mlflow.tracking import fluent
+    from mlflow.utils.async_logging.run_operations import RunOperations
+
+    use_uri("threaded+" + tracking_uri)
+    built = []
+    original_init = MlflowClient.__init__
+
+    def counting_init(self: MlflowClient, *args: object, **kwargs: object) -> None:
+        built.append(1)
+        original_init(self, *args, **kwargs)
+
+    with mlflow.start_run() as active:
+        assert mlflow.log_metric is fluent.log_metric and getattr(mlflow.log_metric, "_mlflow_er_fast", False)
+        monkeypatch.setattr(MlflowClient, "__init__", counting_init)
+        for i in range(10):
+            mlflow.log_metric("loss", 1.0 / (i + 1), step=i)
+        assert mlflow.log_param("lr", 0.1) == 0.1  # MLflow's return values
+        assert mlflow.set_tags({"a": 1}) is None
+        assert isinstance(mlflow.log_metrics({"acc": 0.5}, synchronous=False), RunOperations)
+        assert built == []  # no MlflowClient per call on the fast path
+        monkeypatch.setattr(MlflowClient, "__init__", original_init)
+
+        # A patched client method (a test's mock, another library) is honoured: MLflow's own path.
+        seen: list[str] = []
+        original_log_metric = MlflowClient.log_metric
+
+        def spy(self: MlflowClient, run_id: str, key: str, *args: object, **kwargs: object) -> object:
+            seen.append(key)
+            return original_log_metric(self, run_id, key, *args, **kwargs)
+
+        monkeypatch.setattr(MlflowClient, "log_metric", spy)
+        mlflow.log_metric("spied", 1.0)
+        assert seen == ["spied"]
+        monkeypatch.setattr(MlflowClient, "log_metric", original_log_metric)
+
+        # Runs are thread-local: a thread without an active run gets one of its own, as in MLflow.
+        other: list[str] = []
+
+        def in_thread() -> None:
+            mlflow.log_metric("thread", 2.0)
+            other.append(mlflow.active_run().info.run_id)
+            mlflow.end_run()
+
+        t = threading.Thread(target=in_thread)
+        t.start()
+        t.join(30)
+        assert other and other[0] != active.info.run_id
+    run = MlflowClient(tracking_uri).get_run(active.info.run_id)
+    assert run.data.metrics == {"loss": 0.1, "acc": 0.5, "spied": 1.0}
+    assert run.data.params == {"lr": "0.1"} and run.data.tags["a"] == "1"
+    assert MlflowClient(tracking_uri).get_run(other[0]).data.metrics == {"thread": 2.0}
+    # Off the scheme, the same functions are MLflow's own path to the plain store.
+    delivered = mlflow_store.stats()["threaded+" + tracking_uri]["delivered"]
+    use_uri(tracking_uri)
+    with mlflow.start_run() as plain:
+        mlflow.log_metric("plain", 3.0)
+    assert mlflow_store.stats()["threaded+" + tracking_uri]["delivered"] == delivered
+    assert MlflowClient(tracking_uri).get_run(plain.info.run_id).data.metrics == {"plain": 3.0}
