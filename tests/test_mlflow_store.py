@@ -377,3 +377,45 @@ def test_fluent_fast_path_keeps_mlflows_semantics(use_uri, tracking_uri: str, mo
         mlflow.log_metric("plain", 3.0)
     assert mlflow_store.stats()["threaded+" + tracking_uri]["delivered"] == delivered
     assert MlflowClient(tracking_uri).get_run(plain.info.run_id).data.metrics == {"plain": 3.0}
+
+
+def test_live_sync_marks_only_what_a_later_flush_covered(tmp_path: Path) -> None:
+    """spool+ markers: nothing submitted during a flush -> marked; otherwise the next flush marks it;
+    after a record that was not delivered live, never again (a later sync re-sends from there)."""
+    import itertools
+    import json
+    from types import SimpleNamespace
+
+    from mlflow_er.records import Metric as Rec
+    from mlflow_er.scheme_sync import LiveSync
+    from mlflow_er.spool.replay import target_key
+    from mlflow_er.spool.writer import SpoolWriter
+
+    writer = SpoolWriter(tmp_path / "spool", fsync_interval=0, segment_age=None)
+    submits = itertools.count()
+    live = LiveSync(SimpleNamespace(writer=writer, path=tmp_path / "spool"), "sqlite:///x.db", submits)
+    progress = tmp_path / "spool" / "sync" / target_key("sqlite:///x.db") / "progress"
+
+    def marked() -> list[tuple[int, bool]]:
+        return [(p["count"], p["done"]) for p in (json.loads(f.read_text()) for f in sorted(progress.glob("*.json")))]
+
+    def log(n: int) -> None:
+        writer.append([Rec("r", "m", float(i), 1, i, i) for i in range(n)])
+        next(submits)
+
+    log(3)
+    token = live.begin()
+    log(2)  # submitted while the flush ran: it may not be delivered yet
+    live.flushed(token, clean=True)
+    assert marked() == []
+    live.flushed(live.begin(), clean=True)  # began after those 5 were written: all delivered
+    assert marked() == [(5, False)]
+    writer.rotate()
+    log(4)
+    live.flushed(live.begin(), clean=True)
+    assert marked() == [(5, True), (4, False)]
+    log(1)
+    live.freeze("a record was not delivered")
+    live.flushed(live.begin(), clean=True)
+    assert marked() == [(5, True), (4, False)]
+    writer.close()
