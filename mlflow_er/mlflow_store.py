@@ -171,7 +171,7 @@ class RoutedWrites:
             route.resume(run_id)  # mlflow.start_run(run_id=...): live here until it ends again
         late: DeliveryError | None = None
         try:
-            route.flush(flush_timeout())
+            route.flush(flush_timeout(), final=ending)
             route.dirty.pop(run_id, None)
         except DeliveryError as exc:
             if not ending:

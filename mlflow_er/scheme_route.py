@@ -87,7 +87,7 @@ class Route:
                 seq = self.seqs.setdefault(run_id, itertools.count())
         return seq
 
-    def submit(self, run_id: str, out: list[Any]) -> None:
+    def submit(self, run_id: str, out: list[Any], dirty: bool = True) -> None:
         try:
             if len(out) == 1:
                 self.backend.submit(out[0])
@@ -95,7 +95,8 @@ class Route:
                 self.backend.submit_many(out)
         except MlflowErError as exc:  # QueueFull, BackendClosed: through MLflow's API, as MLflow's kind
             raise checks.as_mlflow(exc) from exc
-        self.dirty[run_id] = True
+        if dirty:
+            self.dirty[run_id] = True
         next(self.submits)
 
     def wait_for(self, run_id: str | None = None) -> None:
@@ -118,8 +119,11 @@ class Route:
             self.dirty.update(waiting)
             raise
 
-    def flush(self, timeout: float | None) -> None:
-        """Wait for delivery, keeping what failed for the end of its run; raise only if time ran out."""
+    def flush(self, timeout: float | None, final: bool = False) -> None:
+        """Wait for delivery, keeping what failed for the end of its run; raise only if time ran out.
+
+        ``final`` (a run's end): ``spool+`` records the live position now, not at its next interval.
+        """
         token = self.live_sync.begin() if self.live_sync is not None else 0
         clean = True
         try:
@@ -133,7 +137,7 @@ class Route:
                 raise checks.delivery_error(unsent=exc.unsent, message=f"{self.uri}: {exc}") from None
             clean = not any(not f.permanent for f in exc.failed)
         if self.live_sync is not None:
-            self.live_sync.flushed(token, clean)
+            self.live_sync.flushed(token, clean, final)
 
     def take(self, run_id: str | None = None) -> list[FailedRecord]:
         """Failures of ``run_id`` and of runs not live here (all of them for ``None``).
@@ -220,8 +224,10 @@ class Route:
         with self.lock:
             self.live.add(run_id)
             self.params[run_id] = dict(run.data.params) if run.data else {}
+        # The store already has the run: its start is for the spool, and no read needs to wait for it.
         self.submit(run_id, [RunStart(run_id, _now_ms(), next(seq), run.info.run_name,
-                                      tags.get("mlflow.parentRunId"), tags.get("mlflow.note.content"), tags)])
+                                      tags.get("mlflow.parentRunId"), tags.get("mlflow.note.content"), tags)],
+                    dirty=False)
 
     def resume(self, run_id: str) -> None:
         with self.lock:

@@ -20,10 +20,15 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two markers written for ordinary flushes (reads flush often).
+INTERVAL = 1.0
 
 Snapshot = tuple[list[Path], Path | None, int]  # sealed segments, open segment, its size
 
@@ -51,18 +56,34 @@ class LiveSync:
         self.frozen = False
         self.candidate: tuple[int, Snapshot] | None = None
         self.positions: dict[str, tuple[int, int, bool]] = {}  # segment -> (offset, count, done) marked
+        self.lock = threading.Lock()
+        self.last = 0.0
 
     # -- the route's hooks ---------------------------------------------------------------------
     def begin(self) -> int:
         """Before a flush: the submit counter now."""
         return next(self.submits)
 
-    def flushed(self, token: int, clean: bool) -> None:
-        """After a flush that began at ``token``; ``clean``: nothing unsent, no transient failure."""
-        if self.frozen:
+    def flushed(self, token: int, clean: bool, final: bool = False) -> None:
+        """After a flush that began at ``token``; ``clean``: nothing unsent, no transient failure.
+
+        Markers are written at most every :data:`INTERVAL` seconds (reads flush often), and
+        always for a ``final`` flush (a run's end, the close).
+        """
+        if self.frozen or not clean:
             return
-        if not clean:
+        now = time.monotonic()
+        if not final and now - self.last < INTERVAL:
             return
+        if not self.lock.acquire(blocking=final):
+            return  # another thread is marking; the next flush catches up
+        try:
+            self.last = now
+            self._flushed(token)
+        finally:
+            self.lock.release()
+
+    def _flushed(self, token: int) -> None:
         try:
             if self.candidate is not None and self.candidate[0] < token:
                 self._mark(self.candidate[1])  # everything in it was submitted before this flush began
@@ -86,7 +107,7 @@ class LiveSync:
     def closed(self) -> None:
         """After the backend closed cleanly: every segment of this writer is delivered."""
         if not self.frozen:
-            self.flushed(next(self.submits), True)
+            self.flushed(next(self.submits), True, final=True)
 
     # -- markers -------------------------------------------------------------------------------
     def _snapshot(self) -> Snapshot:

@@ -406,16 +406,16 @@ def test_live_sync_marks_only_what_a_later_flush_covered(tmp_path: Path) -> None
     log(3)
     token = live.begin()
     log(2)  # submitted while the flush ran: it may not be delivered yet
-    live.flushed(token, clean=True)
+    live.flushed(token, clean=True, final=True)
     assert marked() == []
-    live.flushed(live.begin(), clean=True)  # began after those 5 were written: all delivered
+    live.flushed(live.begin(), clean=True, final=True)  # began after those 5 were written: all delivered
     assert marked() == [(5, False)]
     writer.rotate()
     log(4)
-    live.flushed(live.begin(), clean=True)
+    live.flushed(live.begin(), clean=True, final=True)
     assert marked() == [(5, True), (4, False)]
     log(1)
     live.freeze("a record was not delivered")
-    live.flushed(live.begin(), clean=True)
+    live.flushed(live.begin(), clean=True, final=True)
     assert marked() == [(5, True), (4, False)]
     writer.close()
