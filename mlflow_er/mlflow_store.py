@@ -83,23 +83,27 @@ class RoutedWrites:
     def set_tag(self, run_id: str, tag: Any) -> None:
         self._er_write(run_id, (), (), (tag,), True)
 
-    # MLflow's async API: our path never blocks, so the returned operation is already done.
-    # Delivery errors surface where the run ends, as for the synchronous calls.
+    # MLflow's async API, as MLflow's stores implement it: every call is a log_batch; what the
+    # batch refuses comes back from RunOperations.wait() (MLflow's own wrapping), not the call.
+    # Our path never blocks, so an accepted operation is already done; delivery errors surface
+    # where the run ends, as for the synchronous calls.
     def log_batch_async(self, run_id: str, metrics: Any, params: Any, tags: Any) -> Any:
-        self.log_batch(run_id, metrics, params, tags)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.log_batch(run_id, metrics, params, tags)
+        except MlflowException as exc:
+            return _done(exc)
         return _done()
 
     def log_metric_async(self, run_id: str, metric: Any) -> Any:
-        self.log_metric(run_id, metric)
-        return _done()
+        return self.log_batch_async(run_id, [metric], [], [])
 
     def log_param_async(self, run_id: str, param: Any) -> Any:
-        self.log_param(run_id, param)
-        return _done()
+        return self.log_batch_async(run_id, [], [param], [])
 
     def set_tag_async(self, run_id: str, tag: Any) -> Any:
-        self.set_tag(run_id, tag)
-        return _done()
+        return self.log_batch_async(run_id, [], [], [tag])
 
     # -- reads see the writes before them ------------------------------------------------------
     def _er_wait(self, run_id: str | None) -> None:

@@ -314,11 +314,15 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _done() -> Any:
+def _done(error: BaseException | None = None) -> Any:
+    """A finished ``RunOperations`` (failed with ``error``, raised by its ``wait()`` as MLflow does)."""
     from concurrent.futures import Future
 
     from mlflow.utils.async_logging.run_operations import RunOperations
 
     fut: Future[None] = Future()
-    fut.set_result(None)
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
     return RunOperations([fut])
