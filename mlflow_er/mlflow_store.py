@@ -19,203 +19,37 @@ its records; :class:`~mlflow_er.errors.DeliveryError` is raised from ``end_run``
 whatever failed, after the run's status was stored (never when the run ends FAILED or
 KILLED: then the problem is logged so the block's own exception is not masked).
 
+Under the scheme, MLflow's API behaves as MLflow's: a read of a run (``get_run``,
+``search_runs``, metric history) first waits for that run's queued writes (a dict lookup when
+nothing is queued); invalid writes raise MLflow's own exception, class, code and message
+(:mod:`mlflow_er.scheme_checks`); a param is checked against what the store holds (fetched once
+for a run not created here); everything raised is an ``MlflowException``; writes after a run's
+end are delivered and their failures reported at the next run end, flush or exit.
+
 This module is imported by MLflow while ``import mlflow`` is still running: nothing at
-module level may import mlflow. URI parsing and the artifact/registry side live in
-:mod:`mlflow_er.mlflow_uris`.
+module level may import mlflow. The delivery path is :mod:`mlflow_er.scheme_route`, the fluent
+fast path :mod:`mlflow_er.scheme_fluent`, ``spool+``'s sync markers :mod:`mlflow_er.scheme_sync`,
+URI parsing and the artifact/registry side :mod:`mlflow_er.mlflow_uris`.
 """
 
 from __future__ import annotations
 
-import atexit
-import itertools
 import logging
-import os
-import threading
 from typing import Any
 
-from .errors import DeliveryError, FailedRecord, InvalidRecord
+from . import scheme_checks as checks
+from .errors import DeliveryError
 from .mlflow_uris import MODES, install_companions, split_uri
 from .mlflow_uris import inner_uri as inner_uri  # re-exported: the mlflow sink strips prefixes with it
-from .records import Metric, Param, RunEnd, RunStart, Tag
-from .validation import (
-    INT64_MAX,
-    MAX_PARAM_VALUE_LENGTH,
-    MAX_TAG_VALUE_LENGTH,
-    check_key,
-    check_param_unchanged,
-    check_param_value,
-    check_tag_value,
-    check_timestamp,
-    metric_fields,
+from .scheme_route import (  # re-exported: the public helpers and what the fast path shares
+    DEFAULT_FLUSH_TIMEOUT as DEFAULT_FLUSH_TIMEOUT,
 )
+from .scheme_route import ENV_FLUSH_TIMEOUT as ENV_FLUSH_TIMEOUT
+from .scheme_route import _done, _route, _routes, flush, flush_timeout, stats
+
+__all__ = ["RoutedWrites", "build_store", "flush", "flush_timeout", "inner_uri", "stats"]
 
 log = logging.getLogger(__name__)
-
-ENV_FLUSH_TIMEOUT = "MLFLOW_ER_FLUSH_TIMEOUT"
-DEFAULT_FLUSH_TIMEOUT = 300.0
-
-
-def flush_timeout() -> float:
-    """Seconds a run's end (or an order-keeping flush) may wait: ``$MLFLOW_ER_FLUSH_TIMEOUT``, else 300."""
-    try:
-        return float(os.environ.get(ENV_FLUSH_TIMEOUT) or DEFAULT_FLUSH_TIMEOUT)
-    except ValueError:
-        return DEFAULT_FLUSH_TIMEOUT
-
-
-def _invalid(exc: InvalidRecord) -> Exception:
-    # Code written for MLflow catches MlflowException; the cause keeps mlflow-er's detail.
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-    err = MlflowException(str(exc), INVALID_PARAMETER_VALUE)
-    err.__cause__ = exc
-    return err
-
-
-def _fit(kind: str, key: str, value: str, limit: int) -> str:
-    """Truncate as MLflow's own stores do when ``MLFLOW_TRUNCATE_LONG_VALUES`` is on (its default).
-
-    Unchanged MLflow code (autolog logs every estimator parameter) expects MLflow's rule;
-    rejecting the value would lose the whole call. With the variable off, it raises.
-    """
-    if len(value) <= limit:
-        return value
-    from mlflow.environment_variables import MLFLOW_TRUNCATE_LONG_VALUES
-
-    if not MLFLOW_TRUNCATE_LONG_VALUES.get():
-        return value  # the check that follows raises
-    log.warning("%s %r value (%d characters) is truncated to %d characters, as MLflow does",
-                kind, key, len(value), limit)
-    return value[:limit]
-
-
-# -- the per-process delivery path ---------------------------------------------------------------
-class _Route:
-    """One backend and its sinks for one (mode, inner URI), shared by every store MLflow builds for it."""
-
-    def __init__(self, mode: str, inner: str):
-        from . import pipeline, plugins
-        from .hookspecs import SinkContext
-
-        self.uri = f"{mode}+{inner}"
-        # Built the way a tracker builds its own: the spool (durable) lane is written first.
-        specs = ["spool", "mlflow"] if mode == "spool" else ["mlflow"]
-        self.pipeline = pipeline.build(specs, lambda name: SinkContext(inner), tracking_uri=inner)
-        self.backend = plugins.make_backend("threaded")
-        self.backend.open(self.pipeline)
-        self.pid = os.getpid()
-        self.lock = threading.Lock()
-        self.seqs: dict[str, itertools.count] = {}
-        self.params: dict[str, dict[str, str]] = {}
-        self.live: set[str] = set()  # runs started or written here and not ended here
-        self.failures: list[FailedRecord] = []  # kept until their run ends (or an explicit flush)
-        atexit.register(self._at_exit)
-
-    def seq(self, run_id: str) -> itertools.count:
-        seq = self.seqs.get(run_id)
-        if seq is None:
-            with self.lock:
-                seq = self.seqs.setdefault(run_id, itertools.count())
-                self.live.add(run_id)
-        return seq
-
-    def flush(self, timeout: float | None) -> None:
-        """Wait for delivery, keeping what failed for the end of its run; raise only if time ran out."""
-        try:
-            self.backend.flush(timeout)
-        except DeliveryError as exc:
-            with self.lock:
-                self.failures.extend(exc.failed)
-            if exc.unsent:
-                raise DeliveryError(unsent=exc.unsent, message=f"{self.uri}: {exc}") from None
-
-    def take(self, run_id: str | None = None) -> list[FailedRecord]:
-        """Failures of ``run_id`` and of runs not live here any more (all of them for ``None``)."""
-        mine: list[FailedRecord] = []
-        kept: list[FailedRecord] = []
-        with self.lock:
-            for f in self.failures:
-                (mine if run_id is None or f.run_id == run_id or f.run_id not in self.live else kept).append(f)
-            self.failures = kept
-        return mine
-
-    def start_run(self, run: Any) -> None:
-        """The run's start goes into the stream (the spool records it, for `mlflow-er sync`)."""
-        seq = self.seq(run.info.run_id)
-        tags = dict(run.data.tags) if run.data else {}
-        self.backend.submit(RunStart(run.info.run_id, _now_ms(), next(seq), run.info.run_name,
-                                     tags.get("mlflow.parentRunId"), tags.get("mlflow.note.content"), tags))
-
-    def end_run(self, run_id: str, status: str) -> None:
-        """Queue the run's end after its records; the caller flushes, then takes the failures."""
-        self.backend.submit(RunEnd(run_id, _now_ms(), next(self.seq(run_id)), status))
-
-    def forget(self, run_id: str) -> list[FailedRecord]:
-        with self.lock:
-            self.live.discard(run_id)
-            self.params.pop(run_id, None)
-            self.seqs.pop(run_id, None)
-        return self.take(run_id)
-
-    def _at_exit(self) -> None:
-        # Before the backends' own drain (atexit is LIFO): what failed must be logged, not kept.
-        if self.pid != os.getpid():
-            return
-        try:
-            self.backend.close(getattr(self.backend, "close_timeout", 30.0))
-        except DeliveryError as exc:
-            self.failures.extend(exc.failed)
-            if exc.unsent:
-                log.error("mlflow-er %s: at exit, %d record(s) unsent", self.uri, exc.unsent)
-        except Exception:
-            log.exception("mlflow-er %s: closing at exit failed", self.uri)
-        left = self.take()
-        if left:
-            log.error("mlflow-er %s: at exit, %s", self.uri, DeliveryError(left))
-
-
-_routes: dict[tuple[str, str], _Route] = {}
-_routes_lock = threading.Lock()
-
-
-def _route(key: tuple[str, str]) -> _Route:
-    route = _routes.get(key)
-    if route is None:
-        with _routes_lock:
-            route = _routes.get(key)
-            if route is None:
-                route = _routes[key] = _Route(*key)
-    return route
-
-
-if hasattr(os, "register_at_fork"):
-    # A forked child builds its own route: the parent's records are the parent's to deliver.
-    os.register_at_fork(after_in_child=_routes.clear)
-
-
-def flush(timeout: float | None = None) -> None:
-    """Wait until every record logged through the schemes in this process is delivered.
-
-    Raises :class:`DeliveryError` for everything that failed so far (any run) or is still
-    unsent after ``timeout``. ``mlflow.flush_async_logging()`` does the same for the
-    current tracking URI.
-    """
-    failed: list[FailedRecord] = []
-    unsent = 0
-    for route in list(_routes.values()):
-        try:
-            route.flush(timeout)
-        except DeliveryError as exc:
-            unsent += exc.unsent
-        failed += route.take()
-    if failed or unsent:
-        raise DeliveryError(failed, unsent=unsent)
-
-
-def stats() -> dict[str, dict[str, Any]]:
-    """Backend counters (queued, delivered, failed, dropped, ...) per scheme URI used in this process."""
-    return {route.uri: route.backend.stats() for route in list(_routes.values())}
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -225,77 +59,76 @@ class RoutedWrites:
     _er_key: tuple[str, str]
 
     # -- the hot path --------------------------------------------------------------------------
-    def log_batch(self, run_id: str, metrics: Any = (), params: Any = (), tags: Any = ()) -> None:
+    def _er_write(self, run_id: str, metrics: Any, params: Any, tags: Any, single: bool) -> None:
         route = _routes.get(self._er_key) or _route(self._er_key)
-        seq = route.seq(run_id)
-        recs: list[Any] = []
-        linked = []
-        staged: dict[str, str] = {}
-        try:
-            for m in metrics:
-                if m.model_id or m.dataset_name or m.dataset_digest:
-                    linked.append(m)  # a record cannot carry the LoggedModel/dataset link
-                    continue
-                key, ts = m.key, m.timestamp
-                value, step = metric_fields(key, m.value, m.step)
-                if type(ts) is not int or not 0 <= ts <= INT64_MAX:
-                    ts = check_timestamp(key, ts)
-                recs.append((key, value, ts, step))
-            if params:
-                known = route.params.get(run_id, {})
-                for p in params:
-                    key = check_key(p.key, "param key")
-                    pval = check_param_value(key, _fit("Param", key, str(p.value), MAX_PARAM_VALUE_LENGTH))
-                    prev = staged.get(key, known.get(key))
-                    check_param_unchanged(key, prev, pval)
-                    if prev is None:
-                        staged[key] = pval
-            tag_recs = [(check_key(t.key, "tag key"),
-                         check_tag_value(t.key, _fit("Tag", t.key, str(t.value), MAX_TAG_VALUE_LENGTH)))
-                        for t in tags]
-        except InvalidRecord as exc:
-            raise _invalid(exc) from exc
-        # Everything validated: only now is anything queued (a log_batch is all or nothing).
-        out: list[Any] = [Metric(run_id, k, v, ts, s, next(seq)) for k, v, ts, s in recs]
-        if staged or tag_recs:
-            now = _now_ms()
-            if staged:
-                with route.lock:
-                    route.params.setdefault(run_id, {}).update(staged)
-                out += [Param(run_id, k, v, now, next(seq)) for k, v in staged.items()]
-            out += [Tag(run_id, k, v, now, next(seq)) for k, v in tag_recs]
-        if len(out) == 1:
-            route.backend.submit(out[0])
-        elif out:
-            route.backend.submit_many(out)
+        linked = route.write(self, run_id, metrics, params, tags, single)
         if linked:
             # Straight to the store, after everything before it: MLflow links these to a model.
             route.flush(flush_timeout())
-            super().log_batch(run_id, metrics=linked, params=[], tags=[])  # type: ignore[misc]
+            route.dirty.pop(run_id, None)
+            if single:
+                super().log_metric(run_id, linked[0])  # type: ignore[misc]
+            else:
+                super().log_batch(run_id, metrics=linked, params=[], tags=[])  # type: ignore[misc]
+
+    def log_batch(self, run_id: str, metrics: Any = (), params: Any = (), tags: Any = ()) -> None:
+        self._er_write(run_id, metrics, params, tags, False)
 
     def log_metric(self, run_id: str, metric: Any) -> None:
-        self.log_batch(run_id, (metric,), (), ())
+        self._er_write(run_id, (metric,), (), (), True)
 
     def log_param(self, run_id: str, param: Any) -> None:
-        self.log_batch(run_id, (), (param,), ())
+        self._er_write(run_id, (), (param,), (), True)
 
     def set_tag(self, run_id: str, tag: Any) -> None:
-        self.log_batch(run_id, (), (), (tag,))
+        self._er_write(run_id, (), (), (tag,), True)
 
-    # MLflow's async API: our path never blocks, so the returned operation is already done.
-    # Delivery errors surface where the run ends, as for the synchronous calls.
+    # MLflow's async API, as MLflow's stores implement it: every call is a log_batch; what the
+    # batch refuses comes back from RunOperations.wait() (MLflow's own wrapping), not the call.
+    # Our path never blocks, so an accepted operation is already done; delivery errors surface
+    # where the run ends, as for the synchronous calls.
     def log_batch_async(self, run_id: str, metrics: Any, params: Any, tags: Any) -> Any:
-        self.log_batch(run_id, metrics, params, tags)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.log_batch(run_id, metrics, params, tags)
+        except MlflowException as exc:
+            return _done(exc)
         return _done()
 
     def log_metric_async(self, run_id: str, metric: Any) -> Any:
-        return self.log_batch_async(run_id, (metric,), (), ())
+        return self.log_batch_async(run_id, [metric], [], [])
 
     def log_param_async(self, run_id: str, param: Any) -> Any:
-        return self.log_batch_async(run_id, (), (param,), ())
+        return self.log_batch_async(run_id, [], [param], [])
 
     def set_tag_async(self, run_id: str, tag: Any) -> Any:
-        return self.log_batch_async(run_id, (), (), (tag,))
+        return self.log_batch_async(run_id, [], [], [tag])
+
+    # -- reads see the writes before them ------------------------------------------------------
+    def _er_wait(self, run_id: str | None) -> None:
+        route = _routes.get(self._er_key)
+        if route is not None and route.dirty:
+            route.wait_for(run_id)
+
+    def _er_get_run(self, run_id: str) -> Any:
+        return super().get_run(run_id)  # type: ignore[misc]
+
+    def get_run(self, run_id: str) -> Any:
+        self._er_wait(run_id)
+        return super().get_run(run_id)  # type: ignore[misc]
+
+    def search_runs(self, *args: Any, **kwargs: Any) -> Any:
+        self._er_wait(None)  # any run may match
+        return super().search_runs(*args, **kwargs)  # type: ignore[misc]
+
+    def get_metric_history(self, run_id: str, *args: Any, **kwargs: Any) -> Any:
+        self._er_wait(run_id)
+        return super().get_metric_history(run_id, *args, **kwargs)  # type: ignore[misc]
+
+    def get_metric_history_bulk_interval_from_steps(self, run_id: str, *args: Any, **kwargs: Any) -> Any:
+        self._er_wait(run_id)
+        return super().get_metric_history_bulk_interval_from_steps(run_id, *args, **kwargs)  # type: ignore[misc]
 
     # -- writes that must come after what is queued ----------------------------------------------
     def _er_in_order(self) -> None:
@@ -338,9 +171,12 @@ class RoutedWrites:
         ending = run_status is not None and RunStatus.is_terminated(run_status)
         if ending:
             route.end_run(run_id, RunStatus.to_string(run_status))
+        elif run_status == RunStatus.RUNNING:
+            route.resume(run_id)  # mlflow.start_run(run_id=...): live here until it ends again
         late: DeliveryError | None = None
         try:
-            route.flush(flush_timeout())
+            route.flush(flush_timeout(), final=ending)
+            route.dirty.pop(run_id, None)
         except DeliveryError as exc:
             if not ending:
                 raise
@@ -349,7 +185,7 @@ class RoutedWrites:
         if ending:
             failed = route.forget(run_id)
             if failed or late:
-                error = DeliveryError(failed, unsent=late.unsent if late else 0)
+                error = checks.delivery_error(failed, unsent=late.unsent if late else 0)
                 if run_status != RunStatus.FINISHED:
                     # The run failed or was killed: its own exception is what the user must see.
                     log.error("mlflow-er: run %s ended %s; %s", run_id, RunStatus.to_string(run_status), error)
@@ -362,26 +198,11 @@ class RoutedWrites:
         route = _routes.get(self._er_key)
         if route is not None:
             route.flush(flush_timeout())
+            route.dirty.clear()
             failed = route.take()
             if failed:
-                raise DeliveryError(failed)
+                raise checks.delivery_error(failed)
         super().flush_async_logging()  # type: ignore[misc]
-
-
-def _now_ms() -> int:
-    import time
-
-    return time.time_ns() // 1_000_000
-
-
-def _done() -> Any:
-    from concurrent.futures import Future
-
-    from mlflow.utils.async_logging.run_operations import RunOperations
-
-    fut: Future[None] = Future()
-    fut.set_result(None)
-    return RunOperations([fut])
 
 
 _classes: dict[type, type] = {}
@@ -417,4 +238,8 @@ def build_store(store_uri: str, artifact_uri: str | None = None, **_: Any) -> An
     store.__class__ = _routed_class(type(store))
     store._er_key = (mode, inner)
     install_companions(build_store)
+    from . import scheme_fluent
+
+    scheme_fluent.register(store_uri, (mode, inner))
+    scheme_fluent.install()
     return store

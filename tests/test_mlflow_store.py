@@ -195,11 +195,12 @@ def test_bad_input_raises_in_the_caller_as_mlflow_does(use_uri, tracking_uri: st
     with mlflow.start_run() as active:
         mlflow.log_param("lr", 0.1)
         mlflow.log_param("lr", 0.1)  # the same value again is fine, as in MLflow
-        with pytest.raises(MlflowException, match="cannot change"):
+        # MLflow's own messages (tests/test_scheme_dropin.py compares them with a plain store's).
+        with pytest.raises(MlflowException, match="Changing param values is not allowed"):
             mlflow.log_param("lr", 0.2)
-        with pytest.raises(MlflowException, match="metric key"):
+        with pytest.raises(MlflowException, match="bad//key"):
             mlflow.log_metric("bad//key", 1.0)
-        with pytest.raises(MlflowException, match="real number"):
+        with pytest.raises(MlflowException, match="valid double"):
             MlflowClient().log_batch(active.info.run_id, metrics=[Metric("ok", 1.0, 0, 0),
                                                                   Metric("nan-ish", "x", 0, 0)])
         mlflow.log_param("long", "x" * 7000)  # MLflow truncates (MLFLOW_TRUNCATE_LONG_VALUES): so do we
@@ -312,3 +313,109 @@ def test_uri_helpers() -> None:
     assert mlflow_store.split_uri("spool+sqlite:////tmp/a+b.db") == ("spool", "sqlite:////tmp/a+b.db")
     assert mlflow_store.split_uri("sqlite:////tmp/a+b.db") == (None, "sqlite:////tmp/a+b.db")
     assert mlflow_store.inner_uri("https://h") == "https://h" and mlflow_store.inner_uri(None) is None
+
+
+@pytest.mark.timeout(60)
+def test_fluent_fast_path_keeps_mlflows_semantics(use_uri, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from mlflow.tracking import fluent
+    from mlflow.utils.async_logging.run_operations import RunOperations
+
+    use_uri("threaded+" + tracking_uri)
+    built = []
+    original_init = MlflowClient.__init__
+
+    def counting_init(self: MlflowClient, *args: object, **kwargs: object) -> None:
+        built.append(1)
+        original_init(self, *args, **kwargs)
+
+    with mlflow.start_run() as active:
+        assert mlflow.log_metric is fluent.log_metric and getattr(mlflow.log_metric, "_mlflow_er_fast", False)
+        monkeypatch.setattr(MlflowClient, "__init__", counting_init)
+        for i in range(10):
+            mlflow.log_metric("loss", 1.0 / (i + 1), step=i)
+        assert mlflow.log_param("lr", 0.1) == 0.1  # MLflow's return values
+        assert mlflow.set_tags({"a": 1}) is None
+        assert isinstance(mlflow.log_metrics({"acc": 0.5}, synchronous=False), RunOperations)
+        assert built == []  # no MlflowClient per call on the fast path
+        monkeypatch.setattr(MlflowClient, "__init__", original_init)
+
+        # A patched client method (a test's mock, another library) is honoured: MLflow's own path.
+        seen: list[str] = []
+        original_log_metric = MlflowClient.log_metric
+
+        def spy(self: MlflowClient, run_id: str, key: str, *args: object, **kwargs: object) -> object:
+            seen.append(key)
+            return original_log_metric(self, run_id, key, *args, **kwargs)
+
+        monkeypatch.setattr(MlflowClient, "log_metric", spy)
+        mlflow.log_metric("spied", 1.0)
+        assert seen == ["spied"]
+        monkeypatch.setattr(MlflowClient, "log_metric", original_log_metric)
+
+        # Runs are thread-local: a thread without an active run gets one of its own, as in MLflow.
+        other: list[str] = []
+
+        def in_thread() -> None:
+            mlflow.log_metric("thread", 2.0)
+            other.append(mlflow.active_run().info.run_id)
+            mlflow.end_run()
+
+        t = threading.Thread(target=in_thread)
+        t.start()
+        t.join(30)
+        assert other and other[0] != active.info.run_id
+    run = MlflowClient(tracking_uri).get_run(active.info.run_id)
+    assert run.data.metrics == {"loss": 0.1, "acc": 0.5, "spied": 1.0}
+    assert run.data.params == {"lr": "0.1"} and run.data.tags["a"] == "1"
+    assert MlflowClient(tracking_uri).get_run(other[0]).data.metrics == {"thread": 2.0}
+    # Off the scheme, the same functions are MLflow's own path to the plain store.
+    delivered = mlflow_store.stats()["threaded+" + tracking_uri]["delivered"]
+    use_uri(tracking_uri)
+    with mlflow.start_run() as plain:
+        mlflow.log_metric("plain", 3.0)
+    assert mlflow_store.stats()["threaded+" + tracking_uri]["delivered"] == delivered
+    assert MlflowClient(tracking_uri).get_run(plain.info.run_id).data.metrics == {"plain": 3.0}
+
+
+def test_live_sync_marks_only_what_a_later_flush_covered(tmp_path: Path) -> None:
+    """spool+ markers: nothing submitted during a flush -> marked; otherwise the next flush marks it;
+    after a record that was not delivered live, never again (a later sync re-sends from there)."""
+    import itertools
+    import json
+    from types import SimpleNamespace
+
+    from mlflow_er.records import Metric as Rec
+    from mlflow_er.scheme_sync import LiveSync
+    from mlflow_er.spool.replay import target_key
+    from mlflow_er.spool.writer import SpoolWriter
+
+    writer = SpoolWriter(tmp_path / "spool", fsync_interval=0, segment_age=None)
+    submits = itertools.count()
+    live = LiveSync(SimpleNamespace(writer=writer, path=tmp_path / "spool"), "sqlite:///x.db", submits)
+    progress = tmp_path / "spool" / "sync" / target_key("sqlite:///x.db") / "progress"
+
+    def marked() -> list[tuple[int, bool]]:
+        return [(p["count"], p["done"]) for p in (json.loads(f.read_text()) for f in sorted(progress.glob("*.json")))]
+
+    def log(n: int) -> None:
+        writer.append([Rec("r", "m", float(i), 1, i, i) for i in range(n)])
+        next(submits)
+
+    log(3)
+    token = live.begin()
+    log(2)  # submitted while the flush ran: it may not be delivered yet
+    live.flushed(token, clean=True, final=True)
+    assert marked() == []
+    live.flushed(live.begin(), clean=True, final=True)  # began after those 5 were written: all delivered
+    assert marked() == [(5, False)]
+    writer.rotate()
+    log(4)
+    live.flushed(live.begin(), clean=True, final=True)
+    assert marked() == [(5, True), (4, False)]
+    log(1)
+    live.freeze("a record was not delivered")
+    live.flushed(live.begin(), clean=True, final=True)
+    assert marked() == [(5, True), (4, False)]
+    writer.close()

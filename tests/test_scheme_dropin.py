@@ -1,0 +1,303 @@
+"""Acceptance (issue 11): ``threaded+``/``spool+`` behave as a drop-in for MLflow.
+
+Each test reproduces one class of difference found by running MLflow's own tests against the
+scheme: lost updates, reads that lag writes, other error messages, params not checked against
+the store, writes after a run's end, and a spool that does not know what was delivered live.
+Real stores only (SQLite in a tmp dir); where MLflow's own behaviour is the reference, the
+same calls run on the plain URI first.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from mlflow_er import DeliveryError, mlflow_store
+
+
+@pytest.fixture(scope="module")
+def _template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One migrated MLflow database per module: creating one costs seconds, copying it nothing."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "artifacts")).engine.dispose()
+    return path
+
+
+@pytest.fixture
+def tracking_uri(_template_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The conftest's fixture (a fresh SQLite store in ``tmp_path``), from a copy of the template."""
+    import shutil
+
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous = getattr(tracking_utils, "_tracking_uri", None)
+    shutil.copyfile(_template_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def slow_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every batch the scheme delivers takes 0.2 s more: a read that does not wait for it sees stale data."""
+    import time
+
+    from mlflow_er.sinks.mlflow import MlflowSink
+
+    original = MlflowSink.write_batch
+
+    def slow(self: MlflowSink, batch: Any) -> None:
+        time.sleep(0.2)
+        original(self, batch)
+
+    monkeypatch.setattr(MlflowSink, "write_batch", slow)
+
+
+@pytest.fixture
+def use_uri(tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], str]]:
+    """``use_uri(uri)`` makes ``uri`` MLflow's tracking URI for the test; the plain one is restored after."""
+
+    def use(uri: str) -> str:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        return uri
+
+    try:
+        yield use
+    finally:
+        while mlflow.active_run():
+            try:
+                mlflow.end_run()
+            except DeliveryError:
+                pass
+        mlflow.set_tracking_uri(tracking_uri)
+
+
+# -- lost updates: MLflow reads a tag, then writes it back -------------------------------------
+@pytest.mark.timeout(60)
+def test_two_log_table_calls_keep_both_tables(use_uri, tracking_uri: str, slow_store: None) -> None:
+    use_uri("threaded+" + tracking_uri)
+    with mlflow.start_run() as active:
+        mlflow.log_table({"a": [1, 2]}, "t1.json")
+        mlflow.log_table({"a": [3, 4]}, "t2.json")
+    tag = MlflowClient(tracking_uri).get_run(active.info.run_id).data.tags["mlflow.loggedArtifacts"]
+    assert [t["path"] for t in json.loads(tag)] == ["t1.json", "t2.json"]
+    assert list(mlflow.load_table("t2.json", run_ids=[active.info.run_id])["a"]) == [3, 4]
+
+
+@pytest.mark.timeout(60)
+def test_two_prompt_links_keep_both_prompts(use_uri, tracking_uri: str, slow_store: None) -> None:
+    use_uri("threaded+" + tracking_uri)
+    p1 = mlflow.genai.register_prompt("p1", "hello {{name}}")
+    p2 = mlflow.genai.register_prompt("p2", "bye {{name}}")
+    client = MlflowClient()
+    with mlflow.start_run() as active:
+        client.link_prompt_version_to_run(active.info.run_id, p1)
+        client.link_prompt_version_to_run(active.info.run_id, p2)
+    tag = MlflowClient(tracking_uri).get_run(active.info.run_id).data.tags["mlflow.linkedPrompts"]
+    assert sorted(p["name"] for p in json.loads(tag)) == ["p1", "p2"]
+
+
+# -- read your writes ---------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_reads_see_the_writes_before_them(use_uri, tracking_uri: str, slow_store: None) -> None:
+    use_uri("threaded+" + tracking_uri)
+    client = MlflowClient()
+    with mlflow.start_run() as active:
+        run_id = active.info.run_id
+        mlflow.set_tag("phase", "warmup")
+        mlflow.log_param("lr", 0.01)
+        mlflow.log_metric("loss", 0.5, step=3)
+        run = mlflow.get_run(run_id)
+        assert run.data.tags["phase"] == "warmup" and run.data.params == {"lr": "0.01"}
+        assert run.data.metrics == {"loss": 0.5}
+        mlflow.log_metric("loss", 0.25, step=4)
+        assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(3, 0.5), (4, 0.25)]
+        mlflow.set_tag("phase", "train")
+        found = mlflow.search_runs(filter_string="tags.phase = 'train'", output_format="list")
+        assert [r.info.run_id for r in found] == [run_id]
+        client.delete_tag(run_id, "phase")
+        assert "phase" not in client.get_run(run_id).data.tags
+    # MLflow itself writes the tags of a resumed run, then reads the run back.
+    with mlflow.start_run(run_id=run_id, tags={"resumed": "yes"}, description="second go") as again:
+        assert again.data.tags["resumed"] == "yes"
+        assert again.data.tags["mlflow.note.content"] == "second go"
+
+
+# -- MLflow's errors, MLflow's way ---------------------------------------------------------------
+def _errors(uri: str, use: Callable[[str], str]) -> list[tuple[type, str, str]]:
+    """(class, code, message) of each bad call, with the run id replaced so two stores compare."""
+    use(uri)
+    out: list[tuple[type, str, str]] = []
+    with mlflow.start_run() as active:
+        rid = active.info.run_id
+        client = MlflowClient()
+        mlflow.log_param("lr", 0.1)
+        calls: list[Callable[[], Any]] = [
+            lambda: mlflow.log_metric("bad//key", 1.0),
+            lambda: mlflow.log_metric("loss", "high"),
+            lambda: mlflow.log_param("bad\nkey", 1),
+            lambda: mlflow.set_tag("x" * 300, "v"),
+            lambda: mlflow.log_param("lr", 0.2),
+            lambda: client.log_batch(rid, metrics=[Metric("ok", 1.0, 0, 0), Metric("nan-ish", "x", 0, 0)]),
+            lambda: client.log_batch(rid, params=[Param("a", "1"), Param("a", "1")]),
+            lambda: client.log_batch(rid, params=[Param("lr", "0.3")]),
+            lambda: client.log_batch(rid, tags=[RunTag("ok", "1"), RunTag("../up", "1")]),
+            # MLflow's async API raises at wait(), wrapped the way its async queue wraps it.
+            lambda: mlflow.log_metric("bad//key", 1.0, synchronous=False).wait(),
+            lambda: mlflow.log_param("lr", 0.5, synchronous=False).wait(),
+        ]
+        for call in calls:
+            with pytest.raises(MlflowException) as caught:
+                call()
+            err = caught.value
+            message = re.sub(r"timestamp=\d+", "timestamp=T", err.message.replace(rid, "RUN"))
+            out.append((type(err), err.error_code, message))
+        mlflow.log_metric("good", 1.0)
+    run = MlflowClient().get_run(rid)
+    assert run.data.params == {"lr": "0.1"} and run.data.metrics == {"good": 1.0}  # nothing bad landed
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_bad_calls_raise_exactly_what_mlflow_raises(use_uri, tracking_uri: str) -> None:
+    plain = _errors(tracking_uri, use_uri)  # the same database, without the scheme
+    routed = _errors("threaded+" + tracking_uri, use_uri)
+    assert len(plain) == 11
+    for want, got in zip(plain, routed, strict=True):
+        assert got == want
+
+
+@pytest.mark.timeout(60)
+def test_too_long_values_follow_mlflows_truncation_switch(use_uri, tracking_uri: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def run(uri: str) -> tuple[str, str]:
+        use_uri(uri)
+        with mlflow.start_run() as active:
+            mlflow.log_param("long", "x" * 7000)  # truncated, with MLflow's warning
+            monkeypatch.setenv("MLFLOW_TRUNCATE_LONG_VALUES", "false")
+            try:
+                with pytest.raises(MlflowException) as caught:
+                    mlflow.log_param("longer", "y" * 7000)
+            finally:
+                monkeypatch.delenv("MLFLOW_TRUNCATE_LONG_VALUES")
+        return MlflowClient().get_run(active.info.run_id).data.params["long"], caught.value.message
+
+    plain = run(tracking_uri)
+    assert plain[0] == "x" * 6000 and "6000" in plain[1]
+    assert run("threaded+" + tracking_uri) == plain
+
+
+@pytest.mark.timeout(60)
+def test_delivery_error_at_end_run_is_an_mlflow_exception(use_uri, tracking_uri: str) -> None:
+    use_uri("threaded+" + tracking_uri)
+    active = mlflow.start_run()
+    MlflowClient(tracking_uri).log_param(active.info.run_id, "lr", "0.1")  # behind this process's back
+    mlflow.log_param("lr", 0.2)  # only the store can tell: refused at delivery
+    with pytest.raises(MlflowException) as caught:
+        mlflow.end_run()
+    assert isinstance(caught.value, DeliveryError)
+    assert [(f.kind, f.key) for f in caught.value.failed] == [("param", "lr")]
+    assert "lr" in caught.value.message
+    assert MlflowClient(tracking_uri).get_run(active.info.run_id).info.status == "FINISHED"
+
+
+# -- params checked against what the store holds ------------------------------------------------
+@pytest.mark.timeout(60)
+def test_param_conflict_after_resume_raises_at_the_call(use_uri, tracking_uri: str) -> None:
+    def resume(uri: str) -> tuple[str, str]:
+        use_uri(uri)
+        with mlflow.start_run() as active:
+            mlflow.log_param("lr", 0.01)
+        rid = active.info.run_id
+        with mlflow.start_run(run_id=rid):
+            mlflow.log_param("lr", 0.01)  # the same value again is fine
+            with pytest.raises(MlflowException) as caught:
+                mlflow.log_param("lr", 0.02)
+        # The run still ends cleanly (no DeliveryError at end_run) and keeps the first value.
+        run = MlflowClient().get_run(rid)
+        assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.01"}
+        return caught.value.error_code, caught.value.message.replace(rid, "RUN")
+
+    assert resume("threaded+" + tracking_uri) == resume(tracking_uri)
+
+
+@pytest.mark.timeout(60)
+def test_param_conflict_with_a_run_from_elsewhere_raises_at_the_call(use_uri, tracking_uri: str) -> None:
+    plain = MlflowClient(tracking_uri)
+    rid = plain.create_run("0").info.run_id  # another process made the run and its params
+    plain.log_param(rid, "lr", "0.1")
+    use_uri("threaded+" + tracking_uri)
+    client = MlflowClient()
+    client.log_param(rid, "lr", "0.1")
+    with pytest.raises(MlflowException, match="Changing param values is not allowed"):
+        client.log_param(rid, "lr", "0.2")
+    client.log_batch(rid, params=[Param("bs", "8")])
+    with pytest.raises(MlflowException, match="Changing param values is not allowed"):
+        client.log_batch(rid, params=[Param("bs", "16")])
+    mlflow_store.flush(timeout=30)
+    assert plain.get_run(rid).data.params == {"lr": "0.1", "bs": "8"}
+
+
+# -- writes after a run's end ---------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_writes_after_end_are_delivered_and_their_failures_surface(use_uri, tracking_uri: str,
+                                                                   slow_store: None) -> None:
+    use_uri("threaded+" + tracking_uri)
+    client = MlflowClient()
+    with mlflow.start_run() as first:
+        mlflow.log_metric("m", 1.0)
+    rid = first.info.run_id
+    client.log_metric(rid, "late", 2.0)  # MLflow allows writes to a finished run
+    assert client.get_run(rid).data.metrics == {"m": 1.0, "late": 2.0}
+    # A late write the store refuses (the run was deleted meanwhile) is reported by the next
+    # run end in this process, not kept for an end of its own run that never comes.
+    MlflowClient(tracking_uri).delete_run(rid)
+    client.log_metric(rid, "later", 3.0)
+    mlflow.start_run()
+    with pytest.raises(DeliveryError) as caught:
+        mlflow.end_run()
+    assert [(f.key, f.run_id) for f in caught.value.failed] == [("later", rid)]
+    mlflow_store.flush(timeout=30)  # reported once: nothing left
+
+
+# -- spool+ knows what was delivered live ------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_spool_counts_live_deliveries_as_synced(use_uri, tracking_uri: str, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow_er.spool.replay import sync
+    from mlflow_er.spool.status import format_status, spool_status
+
+    spool = tmp_path / "spool"
+    monkeypatch.setenv("MLFLOW_ER_SPOOL_DIR", str(spool))
+    use_uri("spool+" + tracking_uri)
+    with mlflow.start_run() as active:
+        for i in range(40):
+            mlflow.log_metric("loss", float(i), step=i)
+        mlflow.log_param("lr", 0.1)
+    status = spool_status(str(spool))
+    total = status["totals"]["records"]
+    assert total == 43  # start, 40 metrics, a param, end
+    assert list(status["totals"]["synced"].values()) == [total]
+    assert f"synced into {tracking_uri}: {total} of {total}" in format_status(status)
+    report = sync(str(spool), tracking_uri)
+    assert report.records == 0 and report.failed == []
+    assert len(MlflowClient(tracking_uri).get_metric_history(active.info.run_id, "loss")) == 40
