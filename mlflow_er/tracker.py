@@ -17,7 +17,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import LifecycleStage
 
-from . import health, plugins
+from . import health, options, plugins, recap, runblock
 from .backends.base import Backend
 from .errors import DeliveryError, MlflowErError, Terminated, TrackingUnavailable
 from .hookspecs import SinkContext
@@ -67,15 +67,45 @@ def normalize_tracking_uri(uri: str | None, probe: bool = True) -> str | None:
         if db and db != ":memory:" and not Path(db).expanduser().parent.exists():
             raise TrackingUnavailable(f"folder of the SQLite tracking store {db!r} does not exist")
         return uri
+    check_scheme(uri)
     if parts.scheme in ("http", "https") and probe:
         probe_server(uri)
     return uri
 
 
-def probe_server(uri: str, timeout: float = PROBE_TIMEOUT) -> None:
-    """Raise :class:`TrackingUnavailable` unless something answers HTTP at ``uri`` within ``timeout``."""
+def check_scheme(uri: str) -> None:
+    """Raise a one-line :class:`TrackingUnavailable` for a URI scheme no tracking store serves (``htp://``)."""
+    import difflib
+
+    scheme = urlsplit(uri).scheme
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        known = sorted(k for k in _tracking_store_registry._registry if k)
+    except Exception:  # a private registry: if it moved, MLflow's own error has to do
+        return
+    base = scheme.split("+", 1)[-1]
+    if scheme in known or base.startswith(("postgresql", "mysql", "mssql", "sqlite")):  # SQLAlchemy drivers
+        return
+    from .sinks.mlflow import _redact
+
+    close = difflib.get_close_matches(scheme, known, n=1)
+    hint = f"did you mean {close[0]}://? " if close else ""
+    raise TrackingUnavailable(f"tracking URI {_redact(uri)!r}: no tracking store for scheme {scheme!r}; {hint}"
+                              "use http(s)://host:port, sqlite:///path.db, a local path, or one of these with a "
+                              "threaded+ or spool+ prefix")
+
+
+def probe_server(uri: str, timeout: float | None = None) -> None:
+    """Raise :class:`TrackingUnavailable` unless something answers HTTP at ``uri`` within ``timeout``.
+
+    ``timeout`` defaults to ``PROBE_TIMEOUT`` (5 s). The message tells a refused connection, a
+    timeout and a host name that does not resolve apart, each with its next step.
+    """
     import urllib.error
     import urllib.request
+
+    timeout = PROBE_TIMEOUT if timeout is None else timeout
 
     url = uri.rstrip("/") + "/health"
     try:
@@ -84,11 +114,34 @@ def probe_server(uri: str, timeout: float = PROBE_TIMEOUT) -> None:
     except urllib.error.HTTPError:
         return  # it answered (401/403/404 ...): the server is there
     except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        from .sinks.mlflow import _redact
+        raise TrackingUnavailable(unreachable_message(uri, getattr(exc, "reason", exc), timeout)) from exc
 
-        raise TrackingUnavailable(f"tracking server {_redact(uri)} does not answer within {timeout:.0f}s: "
-                                  f"{reason}") from exc
+
+def unreachable_message(uri: str, reason: object, timeout: float) -> str:
+    """Why ``uri`` cannot be reached — refused, timed out, or a name that does not resolve — and what to do."""
+    import socket
+
+    from .sinks.mlflow import _redact
+
+    shown = _redact(uri)
+    parts = urlsplit(uri)
+    host = parts.hostname or "?"
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = 0
+    offline = ("or log offline now with ExperimentTracker(..., sinks=[\"spool\"]) and send it later with "
+               "`mlflow-er sync SPOOL_DIR --tracking-uri URI`")
+    if isinstance(reason, ConnectionRefusedError):
+        return (f"tracking server {shown}: connection refused — nothing listens on {host}:{port}. Start one "
+                f"(`mlflow server --host {host} --port {port}`), check the port in the URI, {offline}")
+    if isinstance(reason, socket.gaierror):
+        return (f"tracking server {shown}: the host name {host!r} does not resolve (DNS). Check its spelling in "
+                f"the URI and your network/VPN, {offline}")
+    if isinstance(reason, (TimeoutError, socket.timeout)) or "timed out" in str(reason):
+        return (f"tracking server {shown}: no answer within {timeout:.0f}s (timeout) — {host}:{port} accepts "
+                f"nothing or a firewall drops the packets. Check the server is up and reachable from here, {offline}")
+    return f"tracking server {shown} cannot be reached: {reason}. Check the URI and the server, {offline}"
 
 
 class ExperimentTracker:
@@ -113,13 +166,20 @@ class ExperimentTracker:
                  *, backend: str | Backend | None = None, sinks: Sequence[str | Sink] | str | None = None,
                  backend_options: dict[str, Any] | None = None, sink_options: dict[str, dict[str, Any]] | None = None,
                  close_timeout: float | None = 300.0, ranks: str = "zero", health_interval: float | None = None,
-                 **experiment_tags: Any):
+                 quiet: bool | None = None, **experiment_tags: Any):
         self.background_workers: dict[str, Any] = {}  # the seed exposed this attribute
         #: This process's rank in a distributed job (from the launcher's environment) and its role.
         self.rank = RankPlan.detect(ranks)
         inactive = self.rank.inactive  # ranks="zero" on rank > 0: build nothing that reaches a store
         pm = plugins.get_plugin_manager()
         spec = self._sink_names(sinks)
+        # Before anything is built or resolved: a typo in an option names the valid ones.
+        options.check_sinks([s for s in spec if isinstance(s, str)], sink_options or {})
+        if not isinstance(backend, Backend):
+            options.check_backend(self._backend_name(backend), backend_options or {})
+        #: True silences the recap at each run's end (default: ``$MLFLOW_ER_QUIET``); see :mod:`mlflow_er.recap`.
+        self.quiet = recap.quiet(quiet)
+        self._given_uri = os.fspath(tracking_uri) if tracking_uri is not None else None
         #: True when every sink works without a server: nothing here contacts the tracking server.
         self.offline = inactive or all(not _needs_server(pm, s) for s in spec)
         uri = tracking_uri if inactive else normalize_tracking_uri(tracking_uri, probe=not self.offline)
@@ -158,8 +218,11 @@ class ExperimentTracker:
     def _build_backend(backend: str | Backend | None, options: dict[str, Any]) -> Backend:
         if isinstance(backend, Backend):
             return backend
-        name = backend or os.environ.get("MLFLOW_ER_BACKEND") or DEFAULT_BACKEND
-        return plugins.make_backend(name.strip(), **options)
+        return plugins.make_backend(ExperimentTracker._backend_name(backend), **options)
+
+    @staticmethod
+    def _backend_name(backend: str | None) -> str:
+        return (backend or os.environ.get("MLFLOW_ER_BACKEND") or DEFAULT_BACKEND).strip()
 
     @staticmethod
     def _sink_names(sinks: Sequence[str | Sink] | str | None) -> list[str | Sink]:
@@ -296,15 +359,21 @@ class ExperimentTracker:
         active = self._active[-1].run_id if self._active else None
         self._jobs.submit(name, logger, use_process, args, kwargs, self._uri, active, self.close_timeout)
 
-    @contextmanager
     def run(self, run_name: str | None = None, run_id: str | None = None, description: str | None = None,
-            nested: bool = False, **run_tags: Any) -> Iterator[Run]:
-        """Resume a run found by name (first) or id, else start one; yield a :class:`Run`.
+            nested: bool = False, resume: bool = True, **run_tags: Any) -> runblock.RunBlock:
+        """Resume a run found by name (first) or id, else start one: ``with tracker.run(...) as run:``.
 
-        The run is MLflow's active run inside the block, so fluent ``mlflow.log_*`` calls
-        keep working. Leaving the block flushes, ends the run (FINISHED, or FAILED if the
-        block raised) and raises :class:`DeliveryError` for anything not delivered.
+        The block yields a :class:`Run`. It is MLflow's active run inside the block, so fluent
+        ``mlflow.log_*`` calls keep working. Leaving the block flushes, ends the run (FINISHED,
+        or FAILED if the block raised), logs a recap (:mod:`mlflow_er.recap`) and raises
+        :class:`DeliveryError` for anything not delivered. A resumed run is announced in one
+        line; ``resume=False`` always starts a new run, even if one has this ``run_name``.
         """
+        return runblock.RunBlock(self._run_block(run_name, run_id, description, nested, resume, run_tags), run_name)
+
+    @contextmanager
+    def _run_block(self, run_name: str | None, run_id: str | None, description: str | None, nested: bool,
+                   resume: bool, run_tags: dict[str, Any]) -> Iterator[Run]:
         if self.offline:
             parent_id = self._active[-1].run_id if (nested and self._active) else None
         else:
@@ -312,11 +381,17 @@ class ExperimentTracker:
             parent_id = parent.info.run_id if (nested and parent) else None
         tags = {k: str(v) for k, v in run_tags.items()}
         pm = plugins.get_plugin_manager()
-        rid = self.rank.resolve_run(pm.hook.mlflow_er_resolve_run, dict(
+        client = None if self.offline or not self.rank.owns_runs else self.client
+        before = runblock.previous_run(client, self.id, run_name, run_id) if resume else None
+        rid = self.rank.resolve_run(pm.hook.mlflow_er_resolve_run if resume else runblock.new_run, dict(
             client=None if self.offline else self.client, experiment_id=self.id, run_name=run_name, run_id=run_id,
             description=description, parent_run_id=parent_id, tags=tags))
         if rid is None:
             raise MlflowErError("no plugin resolved the run")
+        resumed = before is not None and before.info.run_id == rid
+        by_name = bool(resumed and run_name and before.info.run_name == run_name)
+        if resumed:
+            recap.show([runblock.resume_line(before, by_name)], self.quiet)
         params: dict[str, str] = {}
         # Offline there is no MLflow run to make active (fluent calls are not routed); with
         # ranks="all" only rank 0 starts (and ends) it.
@@ -327,6 +402,13 @@ class ExperimentTracker:
         handle = self.rank.make_run(rid, self._backend, None if self.offline else self.client, params, tracker=self)
         if self.rank.owns_runs:
             handle._begin(run_name=run_name, parent_run_id=parent_id, description=description, tags=tags)
+        if resumed:
+            runblock.explain_param_conflicts(handle, run_name, by_name)
+        handle._recap_facts = (run_name, resumed)  # type: ignore[attr-defined]
+        handle.recap = None  # type: ignore[attr-defined]
+        spool = self._spool_path()
+        if spool is not None and not self.rank.inactive:
+            recap.announce_spool(rid, run_name, spool, self._sync_uri(), self.offline, self.quiet)
         self._active.append(handle)
         exporter = health.start(handle, self.health_interval)
         status = "FINISHED"
@@ -378,6 +460,7 @@ class ExperimentTracker:
         if not self.offline and self.rank.owns_runs:
             left = 5.0 if deadline is None else max(1.0, deadline - time.monotonic())
             self._end_mlflow_run(handle.run_id, status, left)
+        self._recap(handle, status, problem, len(failures))
         if interrupted is not None:
             raise interrupted
         if failures or problem:
@@ -427,6 +510,35 @@ class ExperimentTracker:
         except DeliveryError as exc:
             return exc
         return None
+
+    def _spool_path(self) -> str | None:
+        """The folder of this tracker's durable sink (the spool), if it has one."""
+        pipeline = self._pipeline
+        for lane in pipeline.lanes if pipeline is not None else ():
+            if lane.durable:
+                return str(getattr(lane.sink, "path", lane.name))
+        return None
+
+    def _sync_uri(self) -> str | None:
+        return self._given_uri if self.offline else self._uri
+
+    def _recap(self, handle: Run, status: str, problem: DeliveryError | None, job_failures: int) -> None:
+        """Keep the run's recap on the handle (``run.recap``) and log it, unless this rank is silent."""
+        if self.rank.inactive:
+            return
+        try:
+            run_name, resumed = getattr(handle, "_recap_facts", (None, False))
+            kept = problem.kept_in if problem is not None else None
+            facts = recap.build(run_id=handle.run_id, run_name=run_name, status=status, experiment_id=self.id,
+                                tracking_uri=self._uri, sync_uri=self._sync_uri(), stats=self._backend.stats(),
+                                offline=self.offline, spool=kept or self._spool_path(), problem=problem,
+                                resumed=resumed)
+            facts.failed += job_failures
+        except Exception as exc:  # a recap must never turn a finished run into an error
+            log.debug("mlflow-er: no recap for run %s: %s", handle.run_id, exc)
+            return
+        handle.recap = facts  # type: ignore[attr-defined]
+        recap.show(facts.lines(), self.quiet)
 
     def _keep_location(self) -> str:
         pipeline = getattr(self._backend, "pipeline", None)
