@@ -13,7 +13,7 @@ import pytest
 
 from mlflow_er import DeliveryError, ExperimentTracker
 from mlflow_er import paths, recap
-from mlflow_er.testing import MemorySink
+from mlflow_er.testing import MemorySink, prefill_sqlite_store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,6 +32,7 @@ def recap_text(caplog: pytest.LogCaptureFixture) -> str:
 
 def test_recap_of_a_finished_run_names_it_and_counts_what_was_delivered(
         tracking_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    prefill_sqlite_store(tracking_uri)
     caplog.set_level(logging.INFO, logger=RECAP)
     tracker = ExperimentTracker("recap", tracking_uri=tracking_uri, backend="threaded")
     with tracker.run(run_name="baseline") as run:
@@ -48,6 +49,7 @@ def test_recap_of_a_finished_run_names_it_and_counts_what_was_delivered(
 
 def test_recap_shows_run_id_counts_and_the_sync_command_when_something_is_unsent(
         tracking_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    prefill_sqlite_store(tracking_uri)
     caplog.set_level(logging.INFO, logger=RECAP)
     down = MemorySink().fail_when(lambda batch: True, transient=True)  # a server that never comes back
     tracker = ExperimentTracker("recap", tracking_uri=tracking_uri, backend="threaded", sinks=[down],
@@ -84,6 +86,7 @@ def test_offline_run_says_where_its_spool_is_at_start_and_how_to_sync_at_end(
 
 def test_quiet_by_env_or_argument_silences_the_recap_but_keeps_it_on_the_run(
         tracking_uri: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    prefill_sqlite_store(tracking_uri)
     caplog.set_level(logging.INFO, logger=RECAP)
     with ExperimentTracker("recap", tracking_uri=tracking_uri, quiet=True).run(run_name="a") as a:
         a.log_metric("x", 1.0)
@@ -96,6 +99,7 @@ def test_quiet_by_env_or_argument_silences_the_recap_but_keeps_it_on_the_run(
 
 def test_resume_by_name_is_announced_with_status_and_counts_and_resume_false_starts_a_new_run(
         tracking_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    prefill_sqlite_store(tracking_uri)
     caplog.set_level(logging.INFO, logger=RECAP)
     tracker = ExperimentTracker("recap", tracking_uri=tracking_uri)
     with tracker.run(run_name="baseline") as first:
