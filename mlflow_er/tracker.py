@@ -133,14 +133,14 @@ def unreachable_message(uri: str, reason: object, timeout: float) -> str:
     offline = ("or log offline now with ExperimentTracker(..., sinks=[\"spool\"]) and send it later with "
                "`mlflow-er sync SPOOL_DIR --tracking-uri URI`")
     if isinstance(reason, ConnectionRefusedError):
-        return (f"tracking server {shown} does not answer: connection refused — nothing listens on {host}:{port}. Start one "
-                f"(`mlflow server --host {host} --port {port}`), check the port in the URI, {offline}")
+        return (f"tracking server {shown} does not answer: connection refused — nothing listens on {host}:{port}. "
+                f"Start one (`mlflow server --host {host} --port {port}`), check the port in the URI, {offline}")
     if isinstance(reason, socket.gaierror):
-        return (f"tracking server {shown} does not answer: the host name {host!r} does not resolve (DNS). Check its spelling in "
-                f"the URI and your network/VPN, {offline}")
+        return (f"tracking server {shown} does not answer: the host name {host!r} does not resolve (DNS). "
+                f"Check its spelling in the URI and your network/VPN, {offline}")
     if isinstance(reason, (TimeoutError, socket.timeout)) or "timed out" in str(reason):
-        return (f"tracking server {shown} does not answer: nothing within {timeout:.0f}s (timeout) — {host}:{port} accepts "
-                f"nothing or a firewall drops the packets. Check the server is up and reachable from here, {offline}")
+        return (f"tracking server {shown} does not answer: nothing within {timeout:.0f}s (timeout) — "
+                f"{host}:{port} accepts nothing or a firewall drops the packets. Check the server is up and reachable from here, {offline}")
     return f"tracking server {shown} does not answer: {reason}. Check the URI and the server, {offline}"
 
 

@@ -105,7 +105,7 @@ def test_run_without_with_raises_a_type_error_showing_the_with_form(tmp_path: Pa
     msg = str(info.value)
     assert "'log_metric'" in msg and "with tracker.run(run_name='r') as run:" in msg
     with pytest.raises(TypeError, match="with tracker.run"):
-        tracker.run().run_id
+        _ = tracker.run().run_id
 
 
 def test_param_conflict_after_resume_says_it_was_resumed_and_how_to_start_new(tracking_uri: str) -> None:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlflow_er import DeliveryError, ExperimentTracker
-from mlflow_er import paths, recap
+from mlflow_er import DeliveryError, ExperimentTracker, paths, recap
 from mlflow_er.testing import MemorySink, prefill_sqlite_store
 
 pytestmark = pytest.mark.timeout(60)
