@@ -140,7 +140,8 @@ def unreachable_message(uri: str, reason: object, timeout: float) -> str:
                 f"Check its spelling in the URI and your network/VPN, {offline}")
     if isinstance(reason, (TimeoutError, socket.timeout)) or "timed out" in str(reason):
         return (f"tracking server {shown} does not answer: nothing within {timeout:.0f}s (timeout) — "
-                f"{host}:{port} accepts nothing or a firewall drops the packets. Check the server is up and reachable from here, {offline}")
+                f"{host}:{port} accepts nothing or a firewall drops the packets. Check the server is up and "
+                f"reachable from here, {offline}")
     return f"tracking server {shown} does not answer: {reason}. Check the URI and the server, {offline}"
 
 
