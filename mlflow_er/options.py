@@ -53,7 +53,7 @@ def accepted(cls: type, declared: bool = True) -> frozenset[str] | None:
         if isinstance(opts, (frozenset, set, tuple, list)):
             return frozenset(opts)
     try:
-        sig = inspect.signature(cls.__init__)
+        sig = inspect.signature(cls.__init__)  # type: ignore[misc]
     except (TypeError, ValueError):
         return None
     names = set()

@@ -390,8 +390,8 @@ class ExperimentTracker:
         if rid is None:
             raise MlflowErError("no plugin resolved the run")
         resumed = before is not None and before.info.run_id == rid
-        by_name = bool(resumed and run_name and before.info.run_name == run_name)
-        if resumed:
+        by_name = bool(resumed and run_name and before is not None and before.info.run_name == run_name)
+        if resumed and before is not None:
             recap.show([runblock.resume_line(before, by_name)], self.quiet)
         params: dict[str, str] = {}
         # Offline there is no MLflow run to make active (fluent calls are not routed); with
