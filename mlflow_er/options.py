@@ -1,9 +1,10 @@
 """Check ``backend_options`` / ``sink_options`` keys before anything is built, so a typo names the valid keys.
 
-A backend's valid keys are its constructor's keyword parameters. A sink's are its class's
-``options`` (a ``frozenset[str]``) when it declares one, else its constructor's keyword
-parameters minus those the tracker fills from the :class:`~mlflow_er.hookspecs.SinkContext`.
-A class that takes ``**kwargs`` (or a plugin whose class cannot be found) is not checked.
+A backend's or sink's valid keys are its class's
+``options`` (a ``frozenset[str]``) when it declares one; for mlflow-er's own backends and sinks, else their
+constructor's keyword parameters minus those the tracker fills from the
+:class:`~mlflow_er.hookspecs.SinkContext`. A third-party plugin that declares no ``options`` is not
+checked (its factory may use the options dict as a whole), nor is a class taking ``**kwargs``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ class UnknownOption(MlflowErError, TypeError):
     """An option key that the chosen backend or sink does not take (also a ``TypeError``, as before)."""
 
 
-def _plugin_class(kind: str, name: str) -> type | None:
-    """The class a plugin module provides for ``name`` (its ``name`` attribute), if it can be found."""
+def _plugin_class(kind: str, name: str) -> tuple[type | None, bool]:
+    """The class a plugin module provides for ``name`` (its ``name`` attribute), and whether it is built in."""
     from . import plugins
     from .backends.base import Backend
     from .sinks.base import Sink
@@ -39,11 +40,12 @@ def _plugin_class(kind: str, name: str) -> type | None:
             continue
         if isinstance(module, str):
             module = importlib.import_module(module)
+        own = info.distribution == plugins.OWN_DISTRIBUTION
         for obj in vars(module).values() if hasattr(module, "__dict__") else ():
             if (inspect.isclass(obj) and issubclass(obj, base) and obj is not base
                     and getattr(obj, "name", None) == name):
-                return obj
-    return None
+                return obj, own
+    return None, False
 
 
 def accepted(cls: type, declared: bool = True) -> frozenset[str] | None:
@@ -79,8 +81,10 @@ def check_backend(name: str, options: Mapping[str, Any]) -> None:
     """Raise :class:`UnknownOption` for a ``backend_options`` key the backend ``name`` does not take."""
     if not options:
         return
-    cls = _plugin_class("backend", name)
-    valid = accepted(cls, declared=False) if cls is not None else None
+    cls, own = _plugin_class("backend", name)
+    if cls is None or not (own or isinstance(getattr(cls, "options", None), (frozenset, set, tuple, list))):
+        return  # a third-party factory may use its options in its own way
+    valid = accepted(cls)
     if valid is None:
         return
     unknown = set(options) - valid
@@ -101,8 +105,10 @@ def check_sinks(sink_names: Iterable[str], sink_options: Mapping[str, Mapping[st
                                 f"options apply to a sink chosen by name in sinks=[...]")
         if not isinstance(opts, Mapping):
             raise UnknownOption(f"sink_options[{sink!r}] must be a dict of options, got {type(opts).__name__}")
-        cls = _plugin_class("sink", sink)
-        valid = accepted(cls) if cls is not None else None
+        cls, own = _plugin_class("sink", sink)
+        if cls is None or not (own or isinstance(getattr(cls, "options", None), (frozenset, set, tuple, list))):
+            continue
+        valid = accepted(cls)
         if valid is None:
             continue
         unknown = set(opts) - valid
