@@ -178,3 +178,23 @@ def announce_spool(run_id: str, run_name: str | None, spool: str, sync_uri: str 
     else:
         how = f"a durable copy; what the server does not get can be sent with: {sync_command(spool, sync_uri)}"
     show([f"mlflow-er: run {name}(id {run_id}) spools to {spool}", f"  {how}"], silent)
+
+
+def scheme_run_ended(route_uri: str, run_id: str, status: str, stats: dict[str, Any], problem: Any = None,
+                     experiment_id: str | None = None, run_name: str | None = None) -> Recap:
+    """The recap of a run logged through a ``threaded+``/``spool+`` URI, shown unless ``$MLFLOW_ER_QUIET``.
+
+    For :mod:`mlflow_er.mlflow_store` to call once a run's end was flushed (``stats`` is the
+    route backend's ``stats()``, ``problem`` the :class:`DeliveryError` about to be raised or logged).
+    """
+    spool = None
+    for name, lane in (stats.get("lanes") or {}).items():
+        if lane.get("durable"):
+            spool = lane.get("path") or name
+    from .mlflow_uris import inner_uri
+
+    facts = build(run_id=run_id, run_name=run_name, status=status, experiment_id=experiment_id,
+                  tracking_uri=route_uri, sync_uri=inner_uri(route_uri), stats=stats, offline=False, spool=spool,
+                  problem=problem)
+    show(facts.lines(), quiet())
+    return facts

@@ -170,3 +170,16 @@ def test_recap_is_shown_on_a_terminal_without_logging_config_and_not_when_piped(
     piped, terminal = (line.split()[1] for line in out.stdout.splitlines() if line.startswith("RUN "))
     assert f"run 'terminal' (id {terminal}) ended FINISHED" in out.stdout
     assert piped not in out.stdout.replace(f"RUN {piped}", "")  # nothing said about the piped run
+
+
+def test_scheme_recap_names_the_link_and_the_sync_command_for_what_is_kept(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=RECAP)
+    problem = DeliveryError(unsent=7)
+    problem.kept_in = "/spool/dir"
+    stats = {"lanes": {"spool": {"delivered": 10, "durable": True}, "mlflow": {"delivered": 3}}, "dropped_total": 0}
+    facts = recap.scheme_run_ended("spool+http://127.0.0.1:5000", "rid", "FINISHED", stats, problem, "4")
+    text = recap_text(caplog)
+    assert "(id rid) ended FINISHED" in text and "delivered 10 to spool, 3 to mlflow" in text
+    assert "view it at http://127.0.0.1:5000/#/experiments/4/runs/rid" in text
+    assert "mlflow-er sync /spool/dir --tracking-uri http://127.0.0.1:5000" in text and facts.unsent == 7
