@@ -21,8 +21,8 @@ PAGES = ["README.md", *(f"docs/{n}.md" for n in ("api", "delivery", "uri-schemes
                                                    "environment", "compatibility"))]
 #: Pages other helpers write; the README links them before they land.
 ELSEWHERE = {"docs/integrations.md", "docs/bench.md", "docs/deployment.md", "docs/plugins.md"}
-FENCE = re.compile(r"(?:<!--\s*(?P<marker>skip|needs):\s*(?P<note>.*?)\s*-->\n)?```(?P<lang>[a-z]*)\n(?P<code>.*?)\n```",
-                   re.S)
+FENCE = re.compile(r"(?:<!--\s*(?P<marker>skip|needs):\s*(?P<note>.*?)\s*-->\n)?"
+                   r"```(?P<lang>[a-z]*)\n(?P<code>.*?)\n```", re.S)
 
 
 @dataclass(frozen=True)
