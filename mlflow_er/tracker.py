@@ -458,10 +458,17 @@ class ExperimentTracker:
             problem = self._deliver_run(deadline, status)
         except (KeyboardInterrupt, Terminated) as exc:  # stop now: unsent records were kept on disk
             interrupted, status = exc, "KILLED"
+        facts: recap.Recap | None = None
+        try:  # before the run's status is stored: a SIGTERM here still ends it KILLED
+            facts = self._recap(handle, status, problem, len(failures))
+        except (KeyboardInterrupt, Terminated) as exc:
+            interrupted, status = interrupted or exc, "KILLED"
         if not self.offline and self.rank.owns_runs:
             left = 5.0 if deadline is None else max(1.0, deadline - time.monotonic())
             self._end_mlflow_run(handle.run_id, status, left)
-        self._recap(handle, status, problem, len(failures))
+        if facts is not None:
+            facts.status = status
+            recap.show(facts.lines(), self.quiet)
         if interrupted is not None:
             raise interrupted
         if failures or problem:
@@ -523,10 +530,10 @@ class ExperimentTracker:
     def _sync_uri(self) -> str | None:
         return self._given_uri if self.offline else self._uri
 
-    def _recap(self, handle: Run, status: str, problem: DeliveryError | None, job_failures: int) -> None:
-        """Keep the run's recap on the handle (``run.recap``) and log it, unless this rank is silent."""
+    def _recap(self, handle: Run, status: str, problem: DeliveryError | None, job_failures: int) -> recap.Recap | None:
+        """Keep the run's recap on the handle (``run.recap``) and return it (None on a silent rank)."""
         if self.rank.inactive:
-            return
+            return None
         try:
             run_name, resumed = getattr(handle, "_recap_facts", (None, False))
             kept = problem.kept_in if problem is not None else None
@@ -537,9 +544,9 @@ class ExperimentTracker:
             facts.failed += job_failures
         except Exception as exc:  # a recap must never turn a finished run into an error
             log.debug("mlflow-er: no recap for run %s: %s", handle.run_id, exc)
-            return
+            return None
         handle.recap = facts  # type: ignore[attr-defined]
-        recap.show(facts.lines(), self.quiet)
+        return facts
 
     def _keep_location(self) -> str:
         pipeline = getattr(self._backend, "pipeline", None)
