@@ -16,7 +16,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import LifecycleStage
 
-from . import health, plugins
+from . import health, options, plugins, recap, runblock
 from .backends.base import Backend
 from .errors import DeliveryError, MlflowErError, Terminated
 from .hookspecs import SinkContext
@@ -75,13 +75,20 @@ class ExperimentTracker:
                  *, backend: str | Backend | None = None, sinks: Sequence[str | Sink] | str | None = None,
                  backend_options: dict[str, Any] | None = None, sink_options: dict[str, dict[str, Any]] | None = None,
                  close_timeout: float | None = 300.0, ranks: str = "zero", health_interval: float | None = None,
-                 **experiment_tags: Any):
+                 quiet: bool | None = None, **experiment_tags: Any):
         self.background_workers: dict[str, Any] = {}  # the seed exposed this attribute
         #: This process's rank in a distributed job (from the launcher's environment) and its role.
         self.rank = RankPlan.detect(ranks)
         inactive = self.rank.inactive  # ranks="zero" on rank > 0: build nothing that reaches a store
         pm = plugins.get_plugin_manager()
         spec = self._sink_names(sinks)
+        # Before anything is built or resolved: a typo in an option names the valid ones.
+        options.check_sinks([s for s in spec if isinstance(s, str)], sink_options or {})
+        if not isinstance(backend, Backend):
+            options.check_backend(self._backend_name(backend), backend_options or {})
+        #: True silences the recap at each run's end (default: ``$MLFLOW_ER_QUIET``); see :mod:`mlflow_er.recap`.
+        self.quiet = recap.quiet(quiet)
+        self._given_uri = os.fspath(tracking_uri) if tracking_uri is not None else None
         #: True when every sink works without a server: nothing here contacts the tracking server.
         self.offline = inactive or all(not _needs_server(pm, s) for s in spec)
         uri = tracking_uri if inactive else normalize_tracking_uri(tracking_uri, probe=not self.offline)
@@ -120,8 +127,11 @@ class ExperimentTracker:
     def _build_backend(backend: str | Backend | None, options: dict[str, Any]) -> Backend:
         if isinstance(backend, Backend):
             return backend
-        name = backend or os.environ.get("MLFLOW_ER_BACKEND") or DEFAULT_BACKEND
-        return plugins.make_backend(name.strip(), **options)
+        return plugins.make_backend(ExperimentTracker._backend_name(backend), **options)
+
+    @staticmethod
+    def _backend_name(backend: str | None) -> str:
+        return (backend or os.environ.get("MLFLOW_ER_BACKEND") or DEFAULT_BACKEND).strip()
 
     @staticmethod
     def _sink_names(sinks: Sequence[str | Sink] | str | None) -> list[str | Sink]:
@@ -256,15 +266,21 @@ class ExperimentTracker:
         active = self._active[-1].run_id if self._active else None
         self._jobs.submit(name, logger, use_process, args, kwargs, self._uri, active, self.close_timeout)
 
-    @contextmanager
     def run(self, run_name: str | None = None, run_id: str | None = None, description: str | None = None,
-            nested: bool = False, **run_tags: Any) -> Iterator[Run]:
-        """Resume a run found by name (first) or id, else start one; yield a :class:`Run`.
+            nested: bool = False, resume: bool = True, **run_tags: Any) -> runblock.RunBlock:
+        """Resume a run found by name (first) or id, else start one: ``with tracker.run(...) as run:``.
 
-        The run is MLflow's active run inside the block, so fluent ``mlflow.log_*`` calls
-        keep working. Leaving the block flushes, ends the run (FINISHED, or FAILED if the
-        block raised) and raises :class:`DeliveryError` for anything not delivered.
+        The block yields a :class:`Run`. It is MLflow's active run inside the block, so fluent
+        ``mlflow.log_*`` calls keep working. Leaving the block flushes, ends the run (FINISHED,
+        or FAILED if the block raised), logs a recap (:mod:`mlflow_er.recap`) and raises
+        :class:`DeliveryError` for anything not delivered. A resumed run is announced in one
+        line; ``resume=False`` always starts a new run, even if one has this ``run_name``.
         """
+        return runblock.RunBlock(self._run_block(run_name, run_id, description, nested, resume, run_tags), run_name)
+
+    @contextmanager
+    def _run_block(self, run_name: str | None, run_id: str | None, description: str | None, nested: bool,
+                   resume: bool, run_tags: dict[str, Any]) -> Iterator[Run]:
         if self.offline:
             parent_id = self._active[-1].run_id if (nested and self._active) else None
         else:
@@ -272,11 +288,17 @@ class ExperimentTracker:
             parent_id = parent.info.run_id if (nested and parent) else None
         tags = {k: str(v) for k, v in run_tags.items()}
         pm = plugins.get_plugin_manager()
-        rid = self.rank.resolve_run(pm.hook.mlflow_er_resolve_run, dict(
+        client = None if self.offline or not self.rank.owns_runs else self.client
+        before = runblock.previous_run(client, self.id, run_name, run_id) if resume else None
+        rid = self.rank.resolve_run(pm.hook.mlflow_er_resolve_run if resume else runblock.new_run, dict(
             client=None if self.offline else self.client, experiment_id=self.id, run_name=run_name, run_id=run_id,
             description=description, parent_run_id=parent_id, tags=tags))
         if rid is None:
             raise MlflowErError("no plugin resolved the run")
+        resumed = before is not None and before.info.run_id == rid
+        by_name = bool(resumed and run_name and before is not None and before.info.run_name == run_name)
+        if resumed and before is not None:
+            recap.show([runblock.resume_line(before, by_name)], self.quiet)
         params: dict[str, str] = {}
         # Offline there is no MLflow run to make active (fluent calls are not routed); with
         # ranks="all" only rank 0 starts (and ends) it.
@@ -287,6 +309,13 @@ class ExperimentTracker:
         handle = self.rank.make_run(rid, self._backend, None if self.offline else self.client, params, tracker=self)
         if self.rank.owns_runs:
             handle._begin(run_name=run_name, parent_run_id=parent_id, description=description, tags=tags)
+        if resumed:
+            runblock.explain_param_conflicts(handle, run_name, by_name)
+        handle._recap_facts = (run_name, resumed)  # type: ignore[attr-defined]
+        handle.recap = None  # type: ignore[attr-defined]
+        spool = self._spool_path()
+        if spool is not None and not self.rank.inactive:
+            recap.announce_spool(rid, run_name, spool, self._sync_uri(), self.offline, self.quiet)
         self._active.append(handle)
         exporter = health.start(handle, self.health_interval)
         status = "FINISHED"
@@ -335,9 +364,17 @@ class ExperimentTracker:
             problem = self._deliver_run(deadline, status)
         except (KeyboardInterrupt, Terminated) as exc:  # stop now: unsent records were kept on disk
             interrupted, status = exc, "KILLED"
+        facts: recap.Recap | None = None
+        try:  # before the run's status is stored: a SIGTERM here still ends it KILLED
+            facts = self._recap(handle, status, problem, len(failures))
+        except (KeyboardInterrupt, Terminated) as exc:
+            interrupted, status = interrupted or exc, "KILLED"
         if not self.offline and self.rank.owns_runs:
             left = 5.0 if deadline is None else max(1.0, deadline - time.monotonic())
             self._end_mlflow_run(handle.run_id, status, left)
+        if facts is not None:
+            facts.status = status
+            recap.show(facts.lines(), self.quiet)
         if interrupted is not None:
             raise interrupted
         if failures or problem:
@@ -387,6 +424,35 @@ class ExperimentTracker:
         except DeliveryError as exc:
             return exc
         return None
+
+    def _spool_path(self) -> str | None:
+        """The folder of this tracker's durable sink (the spool), if it has one."""
+        pipeline = self._pipeline
+        for lane in pipeline.lanes if pipeline is not None else ():
+            if lane.durable:
+                return str(getattr(lane.sink, "path", lane.name))
+        return None
+
+    def _sync_uri(self) -> str | None:
+        return self._given_uri if self.offline else self._uri
+
+    def _recap(self, handle: Run, status: str, problem: DeliveryError | None, job_failures: int) -> recap.Recap | None:
+        """Keep the run's recap on the handle (``run.recap``) and return it (None on a silent rank)."""
+        if self.rank.inactive:
+            return None
+        try:
+            run_name, resumed = getattr(handle, "_recap_facts", (None, False))
+            kept = problem.kept_in if problem is not None else None
+            facts = recap.build(run_id=handle.run_id, run_name=run_name, status=status, experiment_id=self.id,
+                                tracking_uri=self._uri, sync_uri=self._sync_uri(), stats=self._backend.stats(),
+                                offline=self.offline, spool=kept or self._spool_path(), problem=problem,
+                                resumed=resumed)
+            facts.failed += job_failures
+        except Exception as exc:  # a recap must never turn a finished run into an error
+            log.debug("mlflow-er: no recap for run %s: %s", handle.run_id, exc)
+            return None
+        handle.recap = facts  # type: ignore[attr-defined]
+        return facts
 
     def _keep_location(self) -> str:
         pipeline = getattr(self._backend, "pipeline", None)
