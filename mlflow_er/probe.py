@@ -87,7 +87,8 @@ def check_scheme(uri: str) -> None:
     close = difflib.get_close_matches(parts[0], plain, n=1, cutoff=0.5)
     hint = f"did you mean {close[0]}://? " if close else ""
     raise _unavailable("scheme", f"tracking URI {uri}: unknown scheme {parts[0]!r}; {hint}MLflow's tracking stores "
-                                 f"take {', '.join(plain)} (or a local path)")
+                                 f"take {', '.join(plain)} (or a local path), each also with a threaded+ or spool+ "
+                                 "prefix")
 
 
 def _unavailable(kind: str, message: str) -> TrackingUnavailable:
