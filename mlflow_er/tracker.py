@@ -491,15 +491,23 @@ class ExperimentTracker:
             monitor.finish()
         errors: list[BaseException] = []
 
-        if urlsplit(self._uri).password:
-            # MLflow prints "View run ... at <tracking URI>" here: never with a password in it.
-            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        secret = bool(urlsplit(self._uri).password)
 
         def terminate() -> None:
+            # MLflow prints "View run ... at <tracking URI>" from set_terminated: never with a password.
+            before = os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+            if secret:
+                os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
             try:
                 self.client.set_terminated(run_id, status)
             except BaseException as exc:
                 errors.append(exc)
+            finally:
+                if secret:
+                    if before is None:
+                        os.environ.pop("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", None)
+                    else:
+                        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = before
 
         t = threading.Thread(target=terminate, name="mlflow-er-end-run", daemon=True)
         t.start()

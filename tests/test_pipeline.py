@@ -198,7 +198,7 @@ def test_sigterm_at_random_points_of_the_final_flush(mlflow_server: MlflowServer
             children = []
             for k in range(10):
                 staging = tmp_path / f"staging-{round_}-{k}"
-                staging.mkdir()
+                staging.mkdir(mode=0o700)  # a staging folder must be private
                 proc = _child(SLOW_CHILD.format(uri=slow.uri, name=f"r{round_}-{k}"),
                               env={"MLFLOW_ER_STAGING_DIR": str(staging)})
                 children.append((proc, staging))

@@ -69,7 +69,7 @@ def test_sigkill_of_the_training_process_at_random_points(tmp_path: Path) -> Non
         kids = []
         for k in range(5):
             staging = tmp_path / f"staging-{round_}-{k}"
-            staging.mkdir()
+            staging.mkdir(mode=0o700)  # a staging folder must be private
             env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_ER_STAGING_DIR": str(staging)}
             code = textwrap.dedent(CHILD.format(uri=uri, name=f"r{round_}{k}"))
             proc = subprocess.Popen([sys.executable, "-c", code],

@@ -145,12 +145,13 @@ class ProcessBackend(Backend):
         proc = self._proc
         if proc is None or proc.poll() is None or self._closing:
             return
-        if self._restarts >= self.max_restarts:
-            return
-        self._restarts += 1
-        log.warning("mlflow-er: the delivery process exited (%s); restarting it (%d of %d)", proc.returncode,
-                    self._restarts, self.max_restarts)
-        self._spawn()
+        with self._lock:  # the appender and a flushing thread both look: one restart, one follower
+            if self._proc is not proc or self._restarts >= self.max_restarts:
+                return
+            self._restarts += 1
+            log.warning("mlflow-er: the delivery process exited (%s); restarting it (%d of %d)", proc.returncode,
+                        self._restarts, self.max_restarts)
+            self._spawn()
 
     # -- the hot path ------------------------------------------------------------------------------
     def submit(self, record: StreamItem) -> None:

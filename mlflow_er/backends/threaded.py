@@ -47,7 +47,7 @@ class ThreadedBackend(Backend):
     """Move records to the pipeline from a background writer thread.
 
     :param max_queue: records held in memory before ``on_full`` applies (~250 B each). A sink
-        that falls behind holds up to as many again in its lane before the buffer stops draining.
+        that falls behind holds up to twice as many in its lane before the buffer stops draining.
     :param max_bytes: bytes of param/tag/artifact payloads held before ``on_full`` applies.
     :param on_full: ``"block"`` (wait up to ``block_timeout``, then :class:`QueueFull`),
         ``"drop"`` (count by reason in ``stats()``, warn once) or ``"spill"`` (to local disk).
@@ -83,6 +83,7 @@ class ThreadedBackend(Backend):
         self._buf: deque[Any] = deque()
         # Wake the writer early once a full batch waits, or the buffer is full, whichever first.
         self._kick_default = min(MAX_METRICS_PER_BATCH, self.max_queue)
+        self._chunk = min(_CHUNK, self.max_queue)  # handed over at once: bounded like the buffer
         self._kick_at = self._kick_default
         self._limit = self.max_queue  # the hot path's bound; 0 while spilling (all go to disk)
         self._overflow = Overflow(self.spill_path)
@@ -107,7 +108,7 @@ class ThreadedBackend(Backend):
         self.pipeline.policy.deadline = self.retry_deadline
         # A sink that falls behind holds the writer after max_queue records, so the buffer
         # fills and on_full applies: memory stays bounded by about twice max_queue records.
-        self.pipeline.max_backlog = max(self.max_queue, _CHUNK)
+        self.pipeline.max_backlog = self.max_queue
         self._closing = False
         self._ensure_writer()
 
@@ -247,7 +248,7 @@ class ThreadedBackend(Backend):
         freed = 0
         marker: _Marker | None = None
         buf = self._buf
-        while buf and len(taken) < _CHUNK:
+        while buf and len(taken) < self._chunk:
             item = buf.popleft()
             if type(item) is _Marker:
                 marker = item
