@@ -119,7 +119,7 @@ class Pipeline:
         """
         if not items:
             return
-        if self._stop.is_set():  # given up (a timed-out or interrupted close): straight to disk, counted
+        if self._stop.is_set() or self._closed:  # given up, or closed: straight to disk, counted
             self.keep_unsent(items)
             return
         self._check_fork()
@@ -227,6 +227,12 @@ class Pipeline:
         Raises :class:`DeliveryError` with the failures since the last raise, and the count of
         records still unsent if ``timeout`` ran out first. Never waits longer than ``timeout``.
         """
+        if self._closed or self._stop.is_set():
+            # Nothing follows the stream any more: what it held was kept on disk (and said so).
+            failed = self.take_failures()
+            if failed:
+                raise DeliveryError(failed)
+            return
         deadline = None if timeout is None else time.monotonic() + timeout
         target = self._end
         done = self._wait(lambda: all(lane.pos >= target for lane in self._followers), deadline)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -351,6 +352,10 @@ class ExperimentTracker:
         of the backend closes it). What is unsent when time runs out — or when a second Ctrl-C
         or a SIGTERM arrives — is kept on disk, with the ``mlflow-er sync`` command logged.
         """
+        if sys.is_finalizing():
+            # A block left open until the interpreter shuts down: the atexit drain already delivered
+            # or kept its records; no thread can start now, so there is nothing more to do safely.
+            return
         budget = self.close_timeout
         deadline = None if budget is None else time.monotonic() + budget
         failures = self._jobs.join_all(budget)

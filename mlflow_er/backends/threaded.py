@@ -12,6 +12,7 @@ a bounded drain at exit impossible.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import warnings
@@ -113,6 +114,8 @@ class ThreadedBackend(Backend):
         self._ensure_writer()
 
     def _ensure_writer(self) -> None:
+        if sys.is_finalizing():
+            return  # a thread started while the interpreter shuts down never runs: start() would hang
         with self._lock:
             if self._writer is None or not self._writer.is_alive():
                 self._writer = threading.Thread(target=self._writer_main, name="mlflow-er-writer", daemon=True)
