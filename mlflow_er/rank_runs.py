@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from .backends.base import Backend
 from .errors import MlflowErError
-from .records import Metric, Record
+from .records import Metric
+from .records import StreamItem as Record  # what a backend is handed: records and run starts/ends
 from .run import Run
 from .validation import check_key
 

@@ -376,7 +376,13 @@ class ExperimentTracker:
             interrupted, status = interrupted or exc, "KILLED"
         if not self.offline and self.rank.owns_runs:
             left = 5.0 if deadline is None else max(1.0, deadline - time.monotonic())
-            self._end_mlflow_run(handle.run_id, status, left)
+            try:
+                self._end_mlflow_run(handle.run_id, status, left)
+            except (KeyboardInterrupt, Terminated) as exc:
+                # Stopped while the status was being stored: the process is going away, so the run
+                # ends KILLED (bounded; a further Ctrl-C stops at once).
+                interrupted, status = interrupted or exc, "KILLED"
+                self._set_status(handle.run_id, status, 5.0)
         if facts is not None:
             facts.status = status
             recap.show(facts.lines(), self.quiet)
@@ -494,8 +500,11 @@ class ExperimentTracker:
         monitor = getattr(fluent, "run_id_to_system_metrics_monitor", {}).pop(run_id, None)
         if monitor is not None:
             monitor.finish()
-        errors: list[BaseException] = []
+        self._set_status(run_id, status, budget)
 
+    def _set_status(self, run_id: str, status: str, budget: float) -> None:
+        """``set_terminated`` on a thread of its own, waited for at most ``budget`` seconds."""
+        errors: list[BaseException] = []
         secret = bool(urlsplit(self._uri).password)
 
         def terminate() -> None:
