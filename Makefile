@@ -51,11 +51,15 @@ demo: $(STAMP_DEMO)
 	$(PY) examples/train_loop.py --backend sync $(DEMO_ARGS) </dev/null
 	$(PY) examples/train_loop.py --backend threaded $(DEMO_ARGS) </dev/null
 
+# Three workers on two cores: most tests wait on servers and child processes, not the CPU.
+# --dist loadfile keeps a module's tests (and its module-scoped servers) on one worker.
+PYTEST_WORKERS ?= 3
+
 test: $(STAMP_DEV)
 	@compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || echo "note: no PostgreSQL server binaries \
 	(/usr/lib/postgresql/*/bin/initdb): the production-shaped tests skip here and fail in CI; Debian: \
 	apt-get install -y postgresql" >&2
-	$(PY) -m pytest -q $(PYTEST_ARGS) </dev/null
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS) </dev/null
 
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check .
