@@ -51,8 +51,10 @@ class Route:
     def __init__(self, mode: str, inner: str):
         from . import pipeline, plugins
         from .hookspecs import SinkContext
+        from .redact import redact_uri
 
-        self.uri = f"{mode}+{inner}"
+        # Shown in stats() keys and messages: never with a password in it.
+        self.uri = redact_uri(f"{mode}+{inner}")
         # Built the way a tracker builds its own: the spool (durable) lane is written first.
         specs = ["spool", "mlflow"] if mode == "spool" else ["mlflow"]
         self.pipeline = pipeline.build(specs, lambda name: SinkContext(inner), tracking_uri=inner)

@@ -260,9 +260,6 @@ def test_tracker_accepts_a_uri_with_credentials(mlflow_server: MlflowServer, tra
 
 
 @pytest.mark.server
-@pytest.mark.xfail(strict=True, reason="lead's area: mlflow_er/mlflow_store.py:107 keys routes by "
-                   "f'{mode}+{inner}' with the password (stats() keys, and the messages at :132, :172, :174, "
-                   ":177); use redact(...) for the key and the messages")
 @pytest.mark.timeout(60)
 def test_threaded_scheme_stats_keys_hide_the_password(mlflow_server: MlflowServer, tracking_uri: str) -> None:
     import mlflow
