@@ -15,7 +15,7 @@ could not be delivered since the last time they raised, and never wait longer th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..records import StreamItem
@@ -94,3 +94,22 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def backend_hooks(backend_name: str, factory: Callable[..., Backend]) -> tuple[Callable[..., Any], ...]:
+    """The two plugin hooks of a module that provides one backend: ``names, make = backend_hooks(NAME, Cls)``.
+
+    Assign them to module globals named ``mlflow_er_backend_names`` and ``mlflow_er_make_backend``
+    (pluggy finds hook implementations by those names).
+    """
+    from ..hookspecs import hookimpl
+
+    @hookimpl
+    def mlflow_er_backend_names() -> list[str]:
+        return [backend_name]
+
+    @hookimpl
+    def mlflow_er_make_backend(name: str, options: dict[str, Any]) -> Backend | None:
+        return factory(**options) if name == backend_name else None
+
+    return mlflow_er_backend_names, mlflow_er_make_backend

@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendClosed, DeliveryError, FailedRecord, MlflowErError, QueueFull
-from ..hookspecs import hookimpl
 from ..records import MAX_METRICS_PER_BATCH, Artifact, Metric, RunEnd, RunStart, StreamItem
 from . import lifecycle
-from .base import Backend
+from .base import Backend, backend_hooks
 from .follower import CLOSE, CONFIG, FAILURES, STATUS, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -342,11 +341,4 @@ class ProcessBackend(Backend):
                 "oldest_unsent_age": 0.0}
 
 
-@hookimpl
-def mlflow_er_backend_names() -> list[str]:
-    return [NAME]
-
-
-@hookimpl
-def mlflow_er_make_backend(name: str, options: dict[str, Any]) -> Backend | None:
-    return ProcessBackend(**options) if name == NAME else None
+mlflow_er_backend_names, mlflow_er_make_backend = backend_hooks(NAME, ProcessBackend)

@@ -11,9 +11,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ..hookspecs import hookimpl
 from ..records import StreamItem
-from .base import Backend
+from .base import Backend, backend_hooks
 
 NAME = "sync"
 
@@ -62,11 +61,4 @@ class SyncBackend(Backend):
                 "oldest_unsent_age": 0.0, "lanes": p.get("lanes", {})}
 
 
-@hookimpl
-def mlflow_er_backend_names() -> list[str]:
-    return [NAME]
-
-
-@hookimpl
-def mlflow_er_make_backend(name: str, options: dict[str, Any]) -> Backend | None:
-    return SyncBackend(**options) if name == NAME else None
+mlflow_er_backend_names, mlflow_er_make_backend = backend_hooks(NAME, SyncBackend)

@@ -21,10 +21,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import BackendClosed, DeliveryError, QueueFull
-from ..hookspecs import hookimpl
 from ..records import MAX_METRICS_PER_BATCH, Artifact, Metric, RunEnd, RunStart, StreamItem, approx_size
 from . import lifecycle
-from .base import Backend
+from .base import Backend, backend_hooks
 from .spill import Overflow
 
 log = logging.getLogger(__name__)
@@ -426,11 +425,4 @@ def _payload_size(payload: tuple[str, Any]) -> int:
     return 4096
 
 
-@hookimpl
-def mlflow_er_backend_names() -> list[str]:
-    return [NAME]
-
-
-@hookimpl
-def mlflow_er_make_backend(name: str, options: dict[str, Any]) -> Backend | None:
-    return ThreadedBackend(**options) if name == NAME else None
+mlflow_er_backend_names, mlflow_er_make_backend = backend_hooks(NAME, ThreadedBackend)
