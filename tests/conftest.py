@@ -68,6 +68,30 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
         mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]
 
 
+@pytest.fixture
+def use_uri(tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``use_uri(uri)`` makes ``uri`` MLflow's tracking URI for the test; ``tracking_uri`` is restored after.
+
+    Runs still open at the end are ended (a ``DeliveryError`` there was already checked by the test).
+    """
+    from mlflow_er import DeliveryError
+
+    def use(uri: str) -> str:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        return uri
+
+    try:
+        yield use
+    finally:
+        while mlflow.active_run():
+            try:
+                mlflow.end_run()
+            except DeliveryError:
+                pass
+        mlflow.set_tracking_uri(tracking_uri)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """One real ``mlflow server`` for the whole session (started on first use)."""

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -24,24 +23,6 @@ from mlflow_er import DeliveryError, mlflow_store
 N = 300
 
 
-@pytest.fixture
-def use_uri(tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator:
-    """``use_uri(uri)`` makes ``uri`` MLflow's tracking URI for the test; the plain one is restored after."""
-
-    def use(uri: str) -> str:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        return uri
-
-    try:
-        yield use
-    finally:
-        while mlflow.active_run():
-            try:
-                mlflow.end_run()
-            except DeliveryError:
-                pass  # a test that expected it already checked it
-        mlflow.set_tracking_uri(tracking_uri)
 
 
 def _fluent_workload() -> str:

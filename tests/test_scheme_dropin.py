@@ -71,24 +71,6 @@ def slow_store(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(MlflowSink, "write_batch", slow)
 
 
-@pytest.fixture
-def use_uri(tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], str]]:
-    """``use_uri(uri)`` makes ``uri`` MLflow's tracking URI for the test; the plain one is restored after."""
-
-    def use(uri: str) -> str:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        return uri
-
-    try:
-        yield use
-    finally:
-        while mlflow.active_run():
-            try:
-                mlflow.end_run()
-            except DeliveryError:
-                pass
-        mlflow.set_tracking_uri(tracking_uri)
 
 
 # -- lost updates: MLflow reads a tag, then writes it back -------------------------------------
