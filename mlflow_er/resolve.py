@@ -105,6 +105,11 @@ def mlflow_er_resolve_run(client: MlflowClient | None, experiment_id: str, run_n
         return found
     if run_id and not run_name:
         raise MlflowErError(f"no active run with id {run_id!r} in experiment {experiment_id}")
+    return create_run(client, experiment_id, run_name, parent_run_id)
+
+
+def create_run(client: MlflowClient, experiment_id: str, run_name: str | None, parent_run_id: str | None) -> str:
+    """Create a run with the tags MLflow's own ``start_run`` would give it (user, source, git, parent)."""
     from mlflow.tracking.context import registry as context_registry
 
     wanted: dict[str, str] = {}
@@ -114,4 +119,4 @@ def mlflow_er_resolve_run(client: MlflowClient | None, experiment_id: str, run_n
         wanted["mlflow.runName"] = run_name
     run = client.create_run(experiment_id, tags=context_registry.resolve_tags(wanted), run_name=run_name)
     log.info("started run %s (%s)", run.info.run_name, run.info.run_id)
-    return run.info.run_id
+    return str(run.info.run_id)

@@ -72,15 +72,9 @@ def new_run(client: Any, experiment_id: str, run_name: str | None, run_id: str |
                             "drop run_id to start a new run, or drop resume=False to resume it")
     if client is None:  # offline: sync creates it
         return uuid.uuid4().hex
-    from mlflow.tracking.context import registry as context_registry
+    from .resolve import create_run
 
-    wanted: dict[str, str] = {}
-    if parent_run_id:
-        wanted["mlflow.parentRunId"] = parent_run_id
-    if run_name:
-        wanted["mlflow.runName"] = run_name
-    run = client.create_run(experiment_id, tags=context_registry.resolve_tags(wanted), run_name=run_name)
-    return str(run.info.run_id)
+    return create_run(client, experiment_id, run_name, parent_run_id)
 
 
 def explain_param_conflicts(handle: Any, run_name: str | None, by_name: bool) -> None:
