@@ -33,6 +33,7 @@ from ..hookspecs import SinkContext, hookimpl
 from ..records import Artifact, Batch
 from ..redact import redact, redact_uri
 from .base import Sink
+from .sql_metrics import SqlMetricWriter
 
 log = logging.getLogger(__name__)
 
@@ -212,12 +213,17 @@ class MlflowSink(Sink):
         # Only REST stores expose host credentials; they get the retry-free path.
         self._host_creds = store.get_host_creds() if hasattr(store, "get_host_creds") else None
         self._repos: dict[str, Any] = {}  # run id -> its HTTP artifact repository (None: use MLflow's client)
+        # MLflow's SQL store: metrics-only batches skip the ORM (see sql_metrics for why and when).
+        self._sql = SqlMetricWriter.for_store(store) if self._host_creds is None else None
 
     # -- batches -------------------------------------------------------------------------
     def write_batch(self, batch: Batch) -> None:
         if self._host_creds is not None:
             self._post_batch(batch_json(batch))
             return
+        if self._sql is not None and not batch.params and not batch.tags and batch.metrics:
+            if self._sql.write(batch.run_id, batch.metrics):
+                return
         metrics = [MlflowMetric(m.key, m.value, m.timestamp, m.step) for m in batch.metrics]
         params = [MlflowParam(p.key, p.value) for p in batch.params]
         tags = [RunTag(t.key, t.value) for t in batch.tags]
