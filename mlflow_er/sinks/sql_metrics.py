@@ -139,17 +139,20 @@ class SqlMetricWriter:
         seen: set[tuple] = set()
         best: dict[str, tuple] = {}
         for m in metrics:
-            is_nan, value = _sanitize(float(m.value))
-            ident = (m.key, m.timestamp, m.step, value, is_nan)
-            if ident in seen:
+            key, value, ts, step = m.key, m.value, m.timestamp, m.step
+            if value - value == 0.0:  # finite: NaN and ±inf give NaN (one test instead of two calls)
+                is_nan = False
+            else:
+                is_nan, value = _sanitize(float(value))
+            row = (key, value, ts, step, is_nan, run_id)  # _ORDER; also the row's identity
+            if row in seen:
                 continue
-            seen.add(ident)
-            rows.append((m.key, value, m.timestamp, m.step, is_nan, run_id))  # _ORDER
-            point = (m.step, m.timestamp, value, is_nan)
-            old = best.get(m.key)
+            seen.add(row)
+            rows.append(row)
+            old = best.get(key)
             # Strictly newer only, as MLflow: of two equal (step, timestamp, value) the first stays.
-            if old is None or point[:3] > old[:3]:
-                best[m.key] = point
+            if old is None or (step, ts, value) > old[:3]:
+                best[key] = (step, ts, value, is_nan)
         return rows, best
 
     def _update_latest(self, conn: Any, run_id: str, best: dict[str, tuple]) -> None:
