@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .contenders import Contender, Context, er_contender, mlflow_contenders
+from .contenders import Contender, Context, er_contender, mlflow_contenders, orm_contender
 from .legend import legend
 from .runner import Plan, Task, Zygote, run_plan
 from .server import open_store
@@ -131,7 +131,8 @@ def _select(contenders: list[Contender], patterns: str | None) -> list[Contender
 #: Left out of ``--quick`` unless named with ``--contenders``: variants whose figures the quick
 #: run's smoke check does not need (the full bench runs them), and the peers (tensorboardX
 #: imports torch when it is installed: seconds per child).
-QUICK_LEAVES_OUT = ("mlflow-async", "mlflow-scheme-threaded", "er-sync/spool", "*/spool[*", "peer")
+QUICK_LEAVES_OUT = ("mlflow-async", "mlflow-scheme-threaded", "er-sync/spool", "*/spool[*", "peer",
+                    "er-threaded/mlflow-orm")
 
 
 def _quick_keeps(c: Contender) -> bool:
@@ -140,7 +141,7 @@ def _quick_keeps(c: Contender) -> bool:
 
 def _plan_contenders(probed: dict[str, Any], workloads: list[str], patterns: str | None,
                      notes: list[str], skipped: list[dict[str, str]],
-                     quick: bool = False) -> dict[str, list[Contender]]:
+                     quick: bool = False, sql_store: bool = False) -> dict[str, list[Contender]]:
     broken = probed.get("broken", {})
     base = mlflow_contenders()
     base += [Contender(name, "peer") for name in probed.get("peers", [])]
@@ -154,6 +155,8 @@ def _plan_contenders(probed: dict[str, Any], workloads: list[str], patterns: str
                                 f"(pass --sink-option {s}.KEY=VALUE): {broken[f'sink:{s}']}"})
                 continue
             base.append(er_contender(b, s))
+            if sql_store and (b, s) == ("threaded", "mlflow"):
+                base.append(orm_contender())
     # Background backends right after raw log_batch (their drain is compared with it), one-request-per-call last.
     base.sort(key=lambda c: (c.kind == "peer", c.kind == "er", c.kind == "er" and c.per_call))
     everyone = list(base)
@@ -255,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         notes: list[str] = list(early_notes)
         skipped: list[dict[str, str]] = list(probed.get("peers_skipped", []))
         try:
-            plan = Plan(workloads, _plan_contenders(probed, workloads, args.contenders, notes, skipped, args.quick),
+            plan = Plan(workloads, _plan_contenders(probed, workloads, args.contenders, notes, skipped, args.quick,
+                                         sql_store=not store.uri.startswith(("http:", "https:"))),
                         repeat,
                         sizes)
         except ValueError as exc:

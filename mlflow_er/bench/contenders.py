@@ -77,6 +77,16 @@ def er_contender(backend: str, sink: str) -> Contender:
     return Contender(f"er-{backend}/{sink}", "er", backend=backend, sink=sink, per_call=backend == "sync")
 
 
+#: ``er-threaded/mlflow`` with the SQL fast path off: metrics through MLflow's own ORM
+#: ``log_batch``, as before issue 12 — the "before" of the same run (SQL stores only).
+THREADED_ORM = "er-threaded/mlflow-orm"
+
+
+def orm_contender() -> Contender:
+    """``threaded`` → ``mlflow`` with ``MLFLOW_ER_SQL_FAST_PATH=0`` (each child sets its own environment)."""
+    return Contender(THREADED_ORM, "er", env={"MLFLOW_ER_SQL_FAST_PATH": "0"}, backend="threaded", sink="mlflow")
+
+
 @dataclass
 class Context:
     """What a child needs to know about the store and the options given on the command line."""
