@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..records import Artifact, RunEnd, RunStart
+
 log = logging.getLogger("mlflow_er.follower")
 
 CONFIG = "config.json"
@@ -91,8 +93,6 @@ class Follower:
         return items
 
     def _resolve(self, item: Any) -> Any:
-        from ..records import Artifact, RunEnd, RunStart
-
         t = type(item)
         if t is Artifact and item.local_path and not os.path.isabs(item.local_path):
             return item._replace(local_path=str(self.root / item.local_path))

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import artifacts
-from ..records import MAX_METRICS_PER_BATCH, Record
+from ..records import MAX_METRICS_PER_BATCH, Record, RunEnd, RunStart
+from ..spool.format import RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,6 @@ class Spill:
 
 def _to_spool(item: Any) -> Any:
     """A run's start/end as the spool's own run record (the format has no other way to say it)."""
-    from ..records import RunEnd, RunStart
-    from ..spool.format import RunInfo
-
     if type(item) is RunStart:
         fields = {"event": "start", "run_name": item.run_name, "parent_run_id": item.parent_run_id,
                   "description": item.description, "tags": item.tags or {}}
@@ -96,9 +94,8 @@ def _to_spool(item: Any) -> Any:
 
 
 def _from_spool(rec: Any) -> Any:
-    from ..records import RunEnd, RunStart
-    from ..spool.format import RunInfo
-
+    # Called once per record by the delivery process: imports stay at module level (a function-level
+    # import costs ~1 µs a call, a third of this function in py-spy).
     if type(rec) is not RunInfo:
         return rec
     f = rec.fields
