@@ -77,6 +77,8 @@ class Follower:
         self.handed = self.delivered
         self.live: dict[str, None] = {}  # runs started and not ended, in order
         self.failed = int(status.get("failed", 0))
+        self._published: dict[str, Any] | None = None
+        self._published_at = 0.0
 
     def _read(self) -> list[Any]:
         from .spill import _from_spool
@@ -116,11 +118,16 @@ class Follower:
         self.delivered = self.handed - unsent
         where = self.safe_pos
         counters = self.pipeline.stats()
-        write_json(self.root / STATUS, {"delivered": self.delivered, "failed": self.failed, "pid": os.getpid(),
-                                        "retries": counters["retries"], "batches": counters["batches"],
-                                        "lanes": counters["lanes"],
-                                        "position": [where.segment, where.offset, where.count] if where else None,
-                                        "time": time.time()})
+        status = {"delivered": self.delivered, "failed": self.failed, "pid": os.getpid(),
+                  "retries": counters["retries"], "batches": counters["batches"], "lanes": counters["lanes"],
+                  "position": [where.segment, where.offset, where.count] if where else None}
+        now = time.monotonic()
+        # Idle, the same status 50 times a second is pure cost on the training box's cores: rewrite
+        # it when it changes, and once a second as a heartbeat ("time").
+        if status == self._published and now - self._published_at < 1.0:
+            return
+        write_json(self.root / STATUS, {**status, "time": time.time()})
+        self._published, self._published_at = status, now
 
     def parent_gone(self) -> bool:
         return os.getppid() != self.parent
@@ -129,6 +136,7 @@ class Follower:
         from ..pipeline import _LIFECYCLE
 
         last_publish = 0.0
+        last_items = time.monotonic()
         while True:
             items = self._read()
             if items:
@@ -141,8 +149,12 @@ class Follower:
             stopping = (self.root / CLOSE).exists() or self.parent_gone()
             if stopping and not items and self.pipeline.unsent() == 0:
                 break
-            if not items:
-                time.sleep(0.01)
+            if items:
+                last_items = now
+            else:
+                # 10 ms polls while records flow; after a second without any, 50 ms (the appender
+                # writes every 50 ms anyway): an idle delivery process then costs ~1 % of a core.
+                time.sleep(0.01 if now - last_items < 1.0 else 0.05)
         orphaned = self.parent_gone() and not (self.root / CLOSE).exists()
         if orphaned and self.live:
             self._end_killed()

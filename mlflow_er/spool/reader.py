@@ -14,7 +14,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .format import (
     HEADER,
@@ -22,7 +22,6 @@ from .format import (
     OPEN_SUFFIX,
     SEALED_SUFFIX,
     SEGMENTS_DIR,
-    Damage,
     FormatError,
     Frame,
     Header,
@@ -56,12 +55,12 @@ class Gap:
         return f"{self.segment} @ {self.offset}: {self.reason}, {self.length} bytes skipped{lost}"
 
 
-@dataclass(frozen=True)
-class Position:
+class Position(NamedTuple):
     """Just after one record: its segment, the byte offset where the next frame starts, records so far.
 
     ``index`` is the record's frame index (v2 segments; ``-1`` unknown): a reader resuming
-    here accepts only frames that continue it.
+    here accepts only frames that continue it. (A named tuple: one is made per record read, and
+    a frozen dataclass cost the delivery process ~1 µs each.)
     """
 
     segment: str
@@ -212,10 +211,11 @@ class SpoolReader:
             return
         ended = False
         for item in scan(data, offset0, h.framing, start.index if start is not None else -1):
-            if isinstance(item, Frame) and is_end(item.payload):
+            is_frame = type(item) is Frame
+            if is_frame and is_end(item.payload):
                 ended = True
                 continue
-            if isinstance(item, Damage):
+            if not is_frame:
                 if item.torn and not seg.sealed:
                     self.open_tails[seg.name] = item.end - item.start
                     continue  # a live writer mid-append (or a crash not yet recovered): not damage yet
@@ -270,7 +270,7 @@ class SpoolReader:
         """
         from .upload import write_atomic
 
-        write_atomic(self.fs, self._cursor_path(), json.dumps(position.__dict__).encode())
+        write_atomic(self.fs, self._cursor_path(), json.dumps(position._asdict()).encode())
         deleted = []
         limit = segment_sort_key(position.segment)
         for seg in self.segments():
