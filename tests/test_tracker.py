@@ -310,15 +310,28 @@ def test_nested_runs(tracker: ExperimentTracker) -> None:
 
 # -- batching --------------------------------------------------------------------------------
 class CountingLogBatch:
+    """Counts the store writes of the mlflow sink: MLflow's ``log_batch`` and the SQL fast path's
+    metrics-only batches (sinks/sql_metrics.py), as (metrics, params, tags) per write."""
+
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from mlflow_er.sinks.sql_metrics import SqlMetricWriter
+
         self.calls: list[tuple[int, int, int]] = []
         real = MlflowClient.log_batch
+        real_sql = SqlMetricWriter.write
 
         def log_batch(client_self, run_id, metrics=(), params=(), tags=(), *args, **kwargs):
             self.calls.append((len(metrics), len(params), len(tags)))
             return real(client_self, run_id, metrics, params, tags, *args, **kwargs)
 
+        def sql_write(writer_self, run_id, metrics):
+            done = real_sql(writer_self, run_id, metrics)
+            if done:  # handed back: MLflow's log_batch takes it and is counted there
+                self.calls.append((len(metrics), 0, 0))
+            return done
+
         monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+        monkeypatch.setattr(SqlMetricWriter, "write", sql_write)
 
 
 def test_log_metrics_of_50_keys_is_one_log_batch(tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
