@@ -1,4 +1,4 @@
-"""The per-process delivery path behind ``threaded+<uri>`` / ``spool+<uri>``: one route per (mode, inner URI).
+"""The per-process delivery path behind ``threaded+`` / ``spool+`` / ``process+<uri>``: one route per (mode, inner URI).
 
 A :class:`Route` owns the backend and pipeline every store MLflow builds for that URI shares,
 the per-run sequence numbers, the params the store holds (so a conflict raises at the call),
@@ -18,6 +18,7 @@ from typing import Any
 
 from . import scheme_checks as checks
 from .errors import DeliveryError, FailedRecord, InvalidRecord, MlflowErError
+from .mlflow_uris import BACKENDS
 from .records import Metric, Param, RunEnd, RunStart, Tag
 from .validation import (
     INT64_MAX,
@@ -58,7 +59,8 @@ class Route:
         # Built the way a tracker builds its own: the spool (durable) lane is written first.
         specs = ["spool", "mlflow"] if mode == "spool" else ["mlflow"]
         self.pipeline = pipeline.build(specs, lambda name: SinkContext(inner), tracking_uri=inner)
-        self.backend = plugins.make_backend("threaded")
+        # process+: the same route and sinks, delivered by a spawned delivery process instead of a thread.
+        self.backend = plugins.make_backend(BACKENDS[mode])
         self.backend.open(self.pipeline)
         self.pid = os.getpid()
         self.lock = threading.Lock()
