@@ -166,7 +166,7 @@ class RoutedWrites:
         from mlflow.entities import RunStatus
 
         route = _routes.get(self._er_key)
-        if route is None:
+        if route is None or route.closed:
             return super().update_run_info(run_id, run_status, end_time, run_name)  # type: ignore[misc]
         ending = run_status is not None and RunStatus.is_terminated(run_status)
         if ending:

@@ -74,6 +74,7 @@ class Route:
         # submit and popped before the flush, so a write racing a read is never missed.
         self.dirty: dict[str, bool] = {}
         self.submits = itertools.count()  # next() after every submit (LiveSync compares it)
+        self.closed = False  # set at exit, after the backend is closed: run ends then bypass the route
         self.live_sync: Any = None
         spool = next((lane.sink for lane in self.pipeline.lanes if lane.durable and hasattr(lane.sink, "writer")),
                      None)
@@ -247,10 +248,35 @@ class Route:
             self.params.pop(run_id, None)  # a later write (resumed, or after the end) fetches them again
         return self.take(run_id)
 
+    def _end_open_runs(self) -> None:
+        """End the active run MLflow would end at exit, while its end can still be delivered.
+
+        MLflow's own exit hook (``fluent._safe_end_run``, registered at ``import mlflow``) runs
+        after ours (atexit is LIFO): it would end the run through a closed backend, which the
+        ``process`` backend would restart and wait on. Ending it first is what MLflow does, earlier.
+        """
+        try:
+            from mlflow.tracking import fluent
+
+            for _ in range(100):  # nested runs: innermost first; bounded whatever end_run does
+                run = fluent.active_run()
+                if run is None or run.info.run_id not in self.live:
+                    return
+                try:
+                    fluent.end_run()
+                except DeliveryError as exc:
+                    log.error("mlflow-er %s: at exit, run %s: %s", self.uri, run.info.run_id, exc)
+                    if fluent.active_run() is run:
+                        return
+        except Exception:
+            log.exception("mlflow-er %s: ending the active run at exit failed", self.uri)
+
     def _at_exit(self) -> None:
         # Before the backends' own drain (atexit is LIFO): what failed must be logged, not kept.
         if self.pid != os.getpid():
             return
+        self._end_open_runs()
+        self.closed = True
         clean = False
         try:
             self.backend.close(getattr(self.backend, "close_timeout", 30.0))
