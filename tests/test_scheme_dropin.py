@@ -277,18 +277,11 @@ def test_writes_after_end_are_delivered_and_their_failures_surface(use_uri, trac
 
 # -- spool+ knows what was delivered live ------------------------------------------------------
 @pytest.mark.timeout(60)
-def test_spool_counts_live_deliveries_as_synced(use_uri, tracking_uri: str, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spool_counts_live_deliveries_as_synced(spooled_run, tracking_uri: str) -> None:
     from mlflow_er.spool.replay import sync
     from mlflow_er.spool.status import format_status, spool_status
 
-    spool = tmp_path / "spool"
-    monkeypatch.setenv("MLFLOW_ER_SPOOL_DIR", str(spool))
-    use_uri("spool+" + tracking_uri)
-    with mlflow.start_run() as active:
-        for i in range(40):
-            mlflow.log_metric("loss", float(i), step=i)
-        mlflow.log_param("lr", 0.1)
+    run_id, spool = spooled_run(40)
     status = spool_status(str(spool))
     total = status["totals"]["records"]
     assert total == 43  # start, 40 metrics, a param, end
@@ -296,7 +289,7 @@ def test_spool_counts_live_deliveries_as_synced(use_uri, tracking_uri: str, tmp_
     assert f"synced into {tracking_uri}: {total} of {total}" in format_status(status)
     report = sync(str(spool), tracking_uri)
     assert report.records == 0 and report.failed == []
-    assert len(MlflowClient(tracking_uri).get_metric_history(active.info.run_id, "loss")) == 40
+    assert len(MlflowClient(tracking_uri).get_metric_history(run_id, "loss")) == 40
 
 
 # -- exit: a run left open is ended and delivered, within a bound ----------------------------------
