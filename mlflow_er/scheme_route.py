@@ -34,6 +34,8 @@ from .validation import (
 log = logging.getLogger(__name__)
 
 ENV_FLUSH_TIMEOUT = "MLFLOW_ER_FLUSH_TIMEOUT"
+#: A repeated metric point counts as "logged just now" (and is kept apart) within this many ms of now.
+REPEAT_WINDOW_MS = 1000
 DEFAULT_FLUSH_TIMEOUT = 300.0
 
 
@@ -69,6 +71,8 @@ class Route:
         # run is fetched once, at its first param write), so a conflict raises at the call.
         self.params: dict[str, dict[str, str]] = {}
         self.live: set[str] = set()  # runs started or resumed here and not ended since
+        # Per run and key, the last metric point queued: (timestamp as given, as stamped, step, value).
+        self.last_points: dict[str, dict[str, tuple[int, int, int, float]]] = {}
         self.failures: list[FailedRecord] = []  # kept until their run ends (or an explicit flush)
         # Read your writes: a run with records submitted since the last flush. Set after the
         # submit and popped before the flush, so a write racing a read is never missed.
@@ -103,6 +107,41 @@ class Route:
         if dirty:
             self.dirty[run_id] = True
         next(self.submits)
+
+    def unrepeat(self, run_id: str, recs: list[Metric], stamped: bool) -> list[Metric]:
+        """Move an exact repeat of a point logged just now 1 ms after the last one, so it is not merged.
+
+        A point of the same key logged after a moved one (another value) is not stamped before it.
+
+        MLflow stores one row per (key, timestamp ms, step, value): plain MLflow, whose calls take
+        milliseconds, keeps a point logged twice in a row (transformers' ``Trainer`` logs its last
+        ``epoch`` so); through the scheme both would get the same millisecond and one row. Only a
+        point equal to the last one of its key, stamped within :data:`REPEAT_WINDOW_MS` of now
+        (``stamped``: by us, now), moves; a deliberate re-log of an older point stays a no-op, as in
+        MLflow. A dict lookup per metric; repeats inside one ``log_batch`` are left to MLflow's dedupe.
+        """
+        last = self.last_points.get(run_id)
+        if last is None:
+            last = self.last_points.setdefault(run_id, {})
+        now = 0
+        updates = {}
+        for i, m in enumerate(recs):
+            prev = last.get(m.key)
+            ts = m.timestamp
+            if prev is not None and prev[0] <= ts <= prev[1]:
+                repeat = prev[2] == m.step and prev[3] == m.value
+                if repeat or ts < prev[1]:
+                    if not stamped and not now:
+                        now = _now_ms()
+                    if stamped or ts >= now - REPEAT_WINDOW_MS:
+                        # A repeat goes 1 ms after the last point; another point not before it (in order).
+                        moved = prev[1] + 1 if repeat else prev[1]
+                        recs[i] = m._replace(timestamp=moved)
+                        updates[m.key] = (prev[0], moved, m.step, m.value)
+                        continue
+            updates[m.key] = (ts, ts, m.step, m.value)
+        last.update(updates)
+        return recs
 
     def wait_for(self, run_id: str | None = None) -> None:
         """Before a read of ``run_id`` (``None``: any run): deliver what was logged to it first.
@@ -209,7 +248,8 @@ class Route:
             if changes:
                 raise checks.param_conflict(run_id, changes, single)
         # Everything validated: only now is anything queued (a log_batch is all or nothing).
-        out: list[Any] = [Metric(run_id, k, v, ts, s, next(seq)) for k, v, ts, s in recs]
+        out: list[Any] = self.unrepeat(run_id, [Metric(run_id, k, v, ts, s, next(seq)) for k, v, ts, s in recs],
+                                       False) if recs else []
         if staged or tag_recs:
             now = _now_ms()
             if staged:
@@ -246,6 +286,7 @@ class Route:
         with self.lock:
             self.live.discard(run_id)
             self.params.pop(run_id, None)  # a later write (resumed, or after the end) fetches them again
+            self.last_points.pop(run_id, None)
         return self.take(run_id)
 
     def _end_open_runs(self) -> None:

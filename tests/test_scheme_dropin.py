@@ -275,6 +275,38 @@ def test_writes_after_end_are_delivered_and_their_failures_surface(use_uri, trac
     mlflow_store.flush(timeout=30)  # reported once: nothing left
 
 
+# -- a point logged again at once is a second point, as on plain MLflow -------------------------
+@pytest.mark.timeout(60)
+def test_identical_points_logged_back_to_back_are_all_stored(use_uri, tracking_uri: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three identical points in one millisecond: three rows (plain MLflow's calls take ms each)."""
+    from mlflow.tracking._tracking_service import client as service_client
+    from mlflow.utils.time import get_current_time_millis
+
+    use_uri("threaded+" + tracking_uri)
+    client = MlflowClient()
+    with mlflow.start_run() as active:
+        rid = active.info.run_id
+        for _ in range(3):
+            mlflow.log_metric("epoch", 1.0, step=5)  # the fluent fast path stamps these itself
+        mlflow.log_metric("epoch", 2.0, step=5)  # another value: not a repeat
+        now = get_current_time_millis()
+        monkeypatch.setattr(service_client, "get_current_time_millis", lambda: now)  # one MLflow millisecond
+        for _ in range(3):
+            client.log_metric(rid, "acc", 0.5, step=1)  # MLflow stamps these; the store path sees them
+        monkeypatch.undo()
+        # An explicit old timestamp logged again is the same point: MLflow stores it once, so do we.
+        for _ in range(2):
+            client.log_batch(rid, metrics=[Metric("old", 3.0, 1_700_000_000_000, 0)])
+        history = {key: client.get_metric_history(rid, key) for key in ("epoch", "acc", "old")}
+    assert sorted((m.value, m.step) for m in history["epoch"]) == [(1.0, 5)] * 3 + [(2.0, 5)]
+    ts = sorted(m.timestamp for m in history["epoch"] if m.value == 1.0)
+    assert ts == [ts[0], ts[0] + 1, ts[0] + 2]  # one ms apart
+    assert [m.timestamp for m in history["epoch"] if m.value == 2.0] >= [ts[2]]  # logged after: not before them
+    assert [m.timestamp for m in history["acc"]] == [now, now + 1, now + 2]
+    assert [m.timestamp for m in history["old"]] == [1_700_000_000_000]
+
+
 # -- spool+ knows what was delivered live ------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_spool_counts_live_deliveries_as_synced(spooled_run, tracking_uri: str) -> None:
