@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from . import scheme_checks as checks
@@ -380,9 +381,12 @@ def stats() -> dict[str, dict[str, Any]]:
 
 
 def _now_ms() -> int:
-    import time
+    """Milliseconds since the epoch, computed as MLflow's ``get_current_time_millis`` computes them.
 
-    return time.time_ns() // 1_000_000
+    ``time.time`` is looked up at each call, so code that mocks it (tests of training code do) gets the
+    timestamps it would get from plain MLflow.
+    """
+    return int(time.time() * 1000)
 
 
 def _done(error: BaseException | None = None) -> Any:

@@ -275,6 +275,28 @@ def test_writes_after_end_are_delivered_and_their_failures_surface(use_uri, trac
     mlflow_store.flush(timeout=30)  # reported once: nothing left
 
 
+# -- timestamps as MLflow takes them ------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_timestamps_follow_a_mocked_time_time_as_mlflows_do(use_uri, tracking_uri: str) -> None:
+    """Tests of training code mock ``time.time``; MLflow's timestamps follow it, so must ours."""
+    from unittest import mock
+
+    def history(uri: str) -> list[tuple[str, float, int, int]]:
+        use_uri(uri)
+        with mlflow.start_run() as active, mock.patch("time.time", return_value=123):
+            mlflow.log_metric("a", 25)
+            mlflow.log_metrics({"a": 30, "b": -3}, step=5)
+            MlflowClient().log_metric(active.info.run_id, "c", 1.0)
+        client = MlflowClient(tracking_uri)
+        return sorted((m.key, m.value, m.timestamp, m.step) for key in "abc"
+                      for m in client.get_metric_history(active.info.run_id, key))
+
+    plain = history(tracking_uri)
+    assert plain == [("a", 25.0, 123_000, 0), ("a", 30.0, 123_000, 5), ("b", -3.0, 123_000, 5),
+                     ("c", 1.0, 123_000, 0)]
+    assert history("threaded+" + tracking_uri) == plain
+
+
 # -- a point logged again at once is a second point, as on plain MLflow -------------------------
 @pytest.mark.timeout(60)
 def test_identical_points_logged_back_to_back_are_all_stored(use_uri, tracking_uri: str,
