@@ -124,6 +124,14 @@ class Route:
         last = self.last_points.get(run_id)
         if last is None:
             last = self.last_points.setdefault(run_id, {})
+        if len(recs) == 1:  # the common call: a new key, a later millisecond, or another point in the same one
+            m = recs[0]
+            ts = m.timestamp
+            prev = last.get(m.key)
+            if prev is None or not prev[0] <= ts <= prev[1] or (
+                    ts == prev[1] and (prev[2] != m.step or prev[3] != m.value)):
+                last[m.key] = (ts, ts, m.step, m.value)
+                return recs
         now = 0
         updates = {}
         for i, m in enumerate(recs):
