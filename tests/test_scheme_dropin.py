@@ -371,8 +371,9 @@ def test_exit_with_a_run_left_open_delivers_it_and_ends_it(tracking_uri: str, pr
     import subprocess
     import sys
 
+    staging = tmp_path / "staging"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ER_FLUSH_TIMEOUT": "30",
-           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+           "MLFLOW_ER_STAGING_DIR": str(staging), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     out = subprocess.run([sys.executable, "-c", _LEFT_OPEN, prefix + tracking_uri], capture_output=True, text=True,
                          timeout=75, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -385,6 +386,9 @@ def test_exit_with_a_run_left_open_delivers_it_and_ends_it(tracking_uri: str, pr
     if prefix == "process+":  # the delivery process finished too, not left behind
         assert int(delivery_pid) > 0
         _wait_gone(int(delivery_pid), 30)
+    # Nothing was kept for a later `mlflow-er sync`: no queue or unsent records left in staging.
+    left = sorted(p.name for p in staging.iterdir()) if staging.exists() else []
+    assert left == []
 
 
 def _wait_gone(pid: int, timeout: float) -> None:
