@@ -24,7 +24,8 @@ import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 ENV_PREFIX = "MLFLOW_ER_SUITE_PREFIX"
 DEFAULT_TESTS = (
     "tests/tracking/fluent/test_fluent.py",
@@ -58,8 +59,8 @@ def export(mirror: str, dest: Path, rev: str) -> None:
 def run(dest: Path, prefix: str, out: Path, tests: list[str], workers: int, timeout: int,
         extra: list[str]) -> int:
     """Run ``tests`` in ``dest`` with the installed MLflow and this tree's mlflow_er first on the path."""
-    env = dict(os.environ, **{ENV_PREFIX: prefix, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true",
-                              "DO_NOT_TRACK": "true"})
+    env = dict(os.environ, **{ENV_PREFIX: prefix, "PYTHONPATH": os.pathsep.join((str(REPO), str(HERE))),
+                              "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"})
     check = subprocess.run([sys.executable, "-c", "import mlflow, mlflow_er; print(mlflow.__version__, "
                             "mlflow.__file__, mlflow_er.__file__)"], cwd=dest, env=env, check=True,
                            capture_output=True, text=True).stdout.split()
@@ -67,6 +68,7 @@ def run(dest: Path, prefix: str, out: Path, tests: list[str], workers: int, time
         sys.exit(f"wrong modules: mlflow {check[1]}, mlflow_er {check[2]}")
     print(f"mlflow {check[0]} from {check[1]}; mlflow_er from {check[2]}; prefix {prefix!r}", flush=True)
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "-p", "no:legacypath",
+           "-p", "suite_plugin",
            "--color=no", "-q", "-rN", f"--timeout={timeout}", f"--junitxml={out.resolve()}"]
     if workers > 1:
         cmd += ["-n", str(workers)]
