@@ -289,14 +289,19 @@ def test_uri_helpers() -> None:
     assert mlflow_store.split_uri("process+https://h") == ("process", "https://h")
 
 
+def tracking_store_entry_points(pyproject: Path) -> dict[str, str]:
+    """The ``mlflow.tracking_store`` entry points a pyproject declares (no tomllib on Python 3.10)."""
+    text = pyproject.read_text()
+    table = text.split('[project.entry-points."mlflow.tracking_store"]', 1)[1].split("\n[", 1)[0]
+    pairs = (line.split("=", 1) for line in table.splitlines() if "=" in line and not line.startswith("#"))
+    return {k.strip().strip('"'): v.strip().strip('"') for k, v in pairs}
+
+
 def test_every_prefix_has_an_entry_point_for_every_store_scheme() -> None:
     """pyproject declares each prefix for each of MLflow's store schemes (a new prefix cannot miss one)."""
-    import tomllib
-
     from mlflow_er.mlflow_uris import BACKENDS, MODES
 
-    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
-        "entry-points"]["mlflow.tracking_store"]
+    declared = tracking_store_entry_points(Path(__file__).parents[1] / "pyproject.toml")
     assert set(declared.values()) == {"mlflow_er.mlflow_store:build_store"}
     stores = ["http", "https", "sqlite", "postgresql", "mysql", "mssql", "postgresql+psycopg",
               "postgresql+psycopg2", "mysql+pymysql", "mysql+mysqldb", "mssql+pyodbc"]
