@@ -12,7 +12,8 @@ else (create/get/search runs and experiments, artifacts, logged models, traces, 
 
 ``spool+<uri>`` adds the ``spool`` sink in front of the ``mlflow`` sink: each batch is
 fsynced to ``$MLFLOW_ER_SPOOL_DIR`` (default ``./mlflow-er-spool``) before it is sent, so
-``mlflow-er sync`` can replay what the server never got.
+``mlflow-er sync`` can replay what the server never got. ``process+<uri>`` is ``threaded+<uri>``
+delivered by the ``process`` backend: a spawned delivery process does the store writes.
 
 A run that ends (``mlflow.end_run()``, leaving ``with mlflow.start_run()``) first waits for
 its records; :class:`~mlflow_er.errors.DeliveryError` is raised from ``end_run`` for
@@ -166,7 +167,7 @@ class RoutedWrites:
         from mlflow.entities import RunStatus
 
         route = _routes.get(self._er_key)
-        if route is None:
+        if route is None or route.closed:
             return super().update_run_info(run_id, run_status, end_time, run_name)  # type: ignore[misc]
         ending = run_status is not None and RunStatus.is_terminated(run_status)
         if ending:
@@ -216,7 +217,7 @@ def _routed_class(base: type) -> type:
 
 
 def build_store(store_uri: str, artifact_uri: str | None = None, **_: Any) -> Any:
-    """The ``mlflow.tracking_store`` entry point for ``threaded+<uri>`` and ``spool+<uri>``.
+    """The ``mlflow.tracking_store`` entry point for ``threaded+<uri>``, ``spool+<uri>`` and ``process+<uri>``.
 
     MLflow calls this with its store-building lock held, so it builds the inner store
     with the inner scheme's builder directly (``get_store`` would wait on that lock

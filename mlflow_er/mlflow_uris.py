@@ -1,4 +1,4 @@
-"""What a ``threaded+<uri>`` / ``spool+<uri>`` tracking URI means to the rest of MLflow.
+"""What a ``threaded+<uri>`` / ``spool+<uri>`` / ``process+<uri>`` tracking URI means to the rest of MLflow.
 
 Artifacts and the model registry follow MLflow's tracking URI: ``mlflow-artifacts:``
 repositories insist on an ``http(s)`` one, and the registry URI defaults to it. The
@@ -15,8 +15,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: Scheme prefixes and what they add: ``threaded`` = mlflow sink; ``spool`` = spool + mlflow sinks.
-MODES = ("threaded", "spool")
+#: Scheme prefixes and what they add: ``threaded`` = mlflow sink; ``spool`` = spool + mlflow sinks;
+#: ``process`` = mlflow sink, delivered from a spawned delivery process (the ``process`` backend).
+MODES = ("threaded", "spool", "process")
+#: The backend each prefix delivers with (by entry-point name).
+BACKENDS = {"threaded": "threaded", "spool": "threaded", "process": "process"}
 
 
 def split_uri(uri: str) -> tuple[str | None, str]:
@@ -36,15 +39,19 @@ _companions = False
 
 
 def install_companions(store_builder: Callable[..., Any]) -> None:
-    """Once per process: artifacts and the registry of our schemes use the inner URI."""
+    """Artifacts and the registry of our schemes use the inner URI (each time one of our stores is built).
+
+    Idempotent and cheap (MLflow caches the stores it builds): a scheme registered after the first
+    store was built (a plugin, a test) gets its registry store too.
+    """
     global _companions
-    if _companions:
-        return
-    _companions = True
     try:
-        _route_mlflow_artifacts()
+        if not _companions:
+            _route_mlflow_artifacts()
+            _companions = True
         _route_model_registry(store_builder)
     except Exception as exc:  # a later MLflow may move these internals; tracking still works
+        _companions = True
         log.warning("mlflow-er: could not route artifacts/model registry to the inner URI: %s", exc)
 
 

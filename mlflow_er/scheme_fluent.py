@@ -125,7 +125,8 @@ def _patch() -> None:
             synchronous = not MLFLOW_ENABLE_ASYNC_LOGGING.get()
         return value if synchronous else ms._done()
 
-    def metric_recs(run_id: str, seq: Any, items: Any, step: Any, timestamp: Any) -> list[Metric] | None:
+    def metric_recs(route: Any, run_id: str, items: Any, step: Any, timestamp: Any) -> list[Metric] | None:
+        seq = route.seqs.get(run_id) or route.seq(run_id)
         ts = timestamp or now_ms()
         if type(ts) is not int or not 0 <= ts <= INT64_MAX:
             return None
@@ -136,7 +137,7 @@ def _patch() -> None:
             except InvalidRecord:
                 return None
             out.append(Metric(run_id, key, v, ts, s, next(seq)))
-        return out
+        return route.unrepeat(run_id, out, not timestamp)
 
     def log_metric(key: str, value: float, step: int | None = None, synchronous: bool | None = None,
                    timestamp: int | None = None, run_id: str | None = None, model_id: str | None = None,
@@ -144,7 +145,7 @@ def _patch() -> None:
         if run_id is None and model_id is None and dataset is None:
             route, rid = plain_run("log_metric", metrics=True)
             if route is not None:
-                recs = metric_recs(rid, route.seqs.get(rid) or route.seq(rid), ((key, value),), step, timestamp)
+                recs = metric_recs(route, rid, ((key, value),), step, timestamp)
                 if recs is not None:
                     route.submit(rid, recs)
                     return result(synchronous, None)
@@ -156,7 +157,7 @@ def _patch() -> None:
         if run_id is None and model_id is None and dataset is None and metrics:
             route, rid = plain_run("log_batch", metrics=True)
             if route is not None:
-                recs = metric_recs(rid, route.seqs.get(rid) or route.seq(rid), metrics.items(), step, timestamp)
+                recs = metric_recs(route, rid, metrics.items(), step, timestamp)
                 if recs is not None:
                     route.submit(rid, recs)
                     return result(synchronous, None)

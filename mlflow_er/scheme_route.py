@@ -1,4 +1,4 @@
-"""The per-process delivery path behind ``threaded+<uri>`` / ``spool+<uri>``: one route per (mode, inner URI).
+"""The per-process delivery path behind ``threaded+`` / ``spool+`` / ``process+<uri>``: one route per (mode, inner URI).
 
 A :class:`Route` owns the backend and pipeline every store MLflow builds for that URI shares,
 the per-run sequence numbers, the params the store holds (so a conflict raises at the call),
@@ -14,10 +14,12 @@ import itertools
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from . import scheme_checks as checks
 from .errors import DeliveryError, FailedRecord, InvalidRecord, MlflowErError
+from .mlflow_uris import BACKENDS
 from .records import Metric, Param, RunEnd, RunStart, Tag
 from .validation import (
     INT64_MAX,
@@ -33,6 +35,8 @@ from .validation import (
 log = logging.getLogger(__name__)
 
 ENV_FLUSH_TIMEOUT = "MLFLOW_ER_FLUSH_TIMEOUT"
+#: A repeated metric point counts as "logged just now" (and is kept apart) within this many ms of now.
+REPEAT_WINDOW_MS = 1000
 DEFAULT_FLUSH_TIMEOUT = 300.0
 
 
@@ -58,7 +62,8 @@ class Route:
         # Built the way a tracker builds its own: the spool (durable) lane is written first.
         specs = ["spool", "mlflow"] if mode == "spool" else ["mlflow"]
         self.pipeline = pipeline.build(specs, lambda name: SinkContext(inner), tracking_uri=inner)
-        self.backend = plugins.make_backend("threaded")
+        # process+: the same route and sinks, delivered by a spawned delivery process instead of a thread.
+        self.backend = plugins.make_backend(BACKENDS[mode])
         self.backend.open(self.pipeline)
         self.pid = os.getpid()
         self.lock = threading.Lock()
@@ -67,11 +72,14 @@ class Route:
         # run is fetched once, at its first param write), so a conflict raises at the call.
         self.params: dict[str, dict[str, str]] = {}
         self.live: set[str] = set()  # runs started or resumed here and not ended since
+        # Per run and key, the last metric point queued: (timestamp as given, as stamped, step, value).
+        self.last_points: dict[str, dict[str, tuple[int, int, int, float]]] = {}
         self.failures: list[FailedRecord] = []  # kept until their run ends (or an explicit flush)
         # Read your writes: a run with records submitted since the last flush. Set after the
         # submit and popped before the flush, so a write racing a read is never missed.
         self.dirty: dict[str, bool] = {}
         self.submits = itertools.count()  # next() after every submit (LiveSync compares it)
+        self.closed = False  # set at exit, after the backend is closed: run ends then bypass the route
         self.live_sync: Any = None
         spool = next((lane.sink for lane in self.pipeline.lanes if lane.durable and hasattr(lane.sink, "writer")),
                      None)
@@ -100,6 +108,49 @@ class Route:
         if dirty:
             self.dirty[run_id] = True
         next(self.submits)
+
+    def unrepeat(self, run_id: str, recs: list[Metric], stamped: bool) -> list[Metric]:
+        """Move an exact repeat of a point logged just now 1 ms after the last one, so it is not merged.
+
+        A point of the same key logged after a moved one (another value) is not stamped before it.
+
+        MLflow stores one row per (key, timestamp ms, step, value): plain MLflow, whose calls take
+        milliseconds, keeps a point logged twice in a row (transformers' ``Trainer`` logs its last
+        ``epoch`` so); through the scheme both would get the same millisecond and one row. Only a
+        point equal to the last one of its key, stamped within :data:`REPEAT_WINDOW_MS` of now
+        (``stamped``: by us, now), moves; a deliberate re-log of an older point stays a no-op, as in
+        MLflow. A dict lookup per metric; repeats inside one ``log_batch`` are left to MLflow's dedupe.
+        """
+        last = self.last_points.get(run_id)
+        if last is None:
+            last = self.last_points.setdefault(run_id, {})
+        if len(recs) == 1:  # the common call: a new key, a later millisecond, or another point in the same one
+            m = recs[0]
+            ts = m.timestamp
+            prev = last.get(m.key)
+            if prev is None or not prev[0] <= ts <= prev[1] or (
+                    ts == prev[1] and (prev[2] != m.step or prev[3] != m.value)):
+                last[m.key] = (ts, ts, m.step, m.value)
+                return recs
+        now = 0
+        updates = {}
+        for i, m in enumerate(recs):
+            prev = last.get(m.key)
+            ts = m.timestamp
+            if prev is not None and prev[0] <= ts <= prev[1]:
+                repeat = prev[2] == m.step and prev[3] == m.value
+                if repeat or ts < prev[1]:
+                    if not stamped and not now:
+                        now = _now_ms()
+                    if stamped or ts >= now - REPEAT_WINDOW_MS:
+                        # A repeat goes 1 ms after the last point; another point not before it (in order).
+                        moved = prev[1] + 1 if repeat else prev[1]
+                        recs[i] = m._replace(timestamp=moved)
+                        updates[m.key] = (prev[0], moved, m.step, m.value)
+                        continue
+            updates[m.key] = (ts, ts, m.step, m.value)
+        last.update(updates)
+        return recs
 
     def wait_for(self, run_id: str | None = None) -> None:
         """Before a read of ``run_id`` (``None``: any run): deliver what was logged to it first.
@@ -206,7 +257,8 @@ class Route:
             if changes:
                 raise checks.param_conflict(run_id, changes, single)
         # Everything validated: only now is anything queued (a log_batch is all or nothing).
-        out: list[Any] = [Metric(run_id, k, v, ts, s, next(seq)) for k, v, ts, s in recs]
+        out: list[Any] = self.unrepeat(run_id, [Metric(run_id, k, v, ts, s, next(seq)) for k, v, ts, s in recs],
+                                       False) if recs else []
         if staged or tag_recs:
             now = _now_ms()
             if staged:
@@ -243,12 +295,38 @@ class Route:
         with self.lock:
             self.live.discard(run_id)
             self.params.pop(run_id, None)  # a later write (resumed, or after the end) fetches them again
+            self.last_points.pop(run_id, None)
         return self.take(run_id)
+
+    def _end_open_runs(self) -> None:
+        """End the active run MLflow would end at exit, while its end can still be delivered.
+
+        MLflow's own exit hook (``fluent._safe_end_run``, registered at ``import mlflow``) runs
+        after ours (atexit is LIFO): it would end the run through a closed backend, which the
+        ``process`` backend would restart and wait on. Ending it first is what MLflow does, earlier.
+        """
+        try:
+            from mlflow.tracking import fluent
+
+            for _ in range(100):  # nested runs: innermost first; bounded whatever end_run does
+                run = fluent.active_run()
+                if run is None or run.info.run_id not in self.live:
+                    return
+                try:
+                    fluent.end_run()
+                except DeliveryError as exc:
+                    log.error("mlflow-er %s: at exit, run %s: %s", self.uri, run.info.run_id, exc)
+                    if fluent.active_run() is run:
+                        return
+        except Exception:
+            log.exception("mlflow-er %s: ending the active run at exit failed", self.uri)
 
     def _at_exit(self) -> None:
         # Before the backends' own drain (atexit is LIFO): what failed must be logged, not kept.
         if self.pid != os.getpid():
             return
+        self._end_open_runs()
+        self.closed = True
         clean = False
         try:
             self.backend.close(getattr(self.backend, "close_timeout", 30.0))
@@ -311,9 +389,12 @@ def stats() -> dict[str, dict[str, Any]]:
 
 
 def _now_ms() -> int:
-    import time
+    """Milliseconds since the epoch, computed as MLflow's ``get_current_time_millis`` computes them.
 
-    return time.time_ns() // 1_000_000
+    ``time.time`` is looked up at each call, so code that mocks it (tests of training code do) gets the
+    timestamps it would get from plain MLflow.
+    """
+    return int(time.time() * 1000)
 
 
 def _done(error: BaseException | None = None) -> Any:

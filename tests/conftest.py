@@ -177,3 +177,23 @@ def prod(tmp_path_factory: pytest.TempPathFactory, moto_s3: MotoS3) -> Iterator[
         yield deployment
     finally:
         deployment.stop()
+
+
+@pytest.fixture
+def spooled_run(use_uri: Any, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``spooled_run(n)`` logs a run of ``n`` ``loss`` metrics and a param through ``spool+<tracking_uri>``.
+
+    The spool is ``tmp_path / "spool"``; returns ``(run_id, spool)``.
+    """
+
+    def log(n: int) -> tuple[str, Path]:
+        spool = tmp_path / "spool"
+        monkeypatch.setenv("MLFLOW_ER_SPOOL_DIR", str(spool))
+        use_uri("spool+" + tracking_uri)
+        with mlflow.start_run(run_name="spooled") as active:
+            for i in range(n):
+                mlflow.log_metric("loss", float(i), step=i)
+            mlflow.log_param("lr", 0.1)
+        return active.info.run_id, spool
+
+    return log

@@ -63,12 +63,10 @@ def snapshot(db: Path, tmp: Path, wall_clock: frozenset[str] = frozenset()) -> d
             metrics = {}
             for key in run.data.metrics:
                 history = sorted(client.get_metric_history(rid, key), key=lambda m: (m.step, m.timestamp))
-                points = [(m.step, None if key in wall_clock else m.value) for m in history]
-                # A point logged again at once with the same step and value (the Trainer's last
-                # `epoch`) is one row under threaded+ but two on plain sqlite, whose calls take
-                # milliseconds: kept out of the comparison here, pinned by
-                # test_identical_points_logged_back_to_back_are_all_stored below.
-                metrics[key] = [p for i, p in enumerate(points) if i == 0 or p != points[i - 1]]
+                # Every row: a point logged again at once (the Trainer's last `epoch`) is two rows on
+                # plain sqlite and through the scheme (tests/test_scheme_dropin.py::
+                # test_identical_points_logged_back_to_back_are_all_stored).
+                metrics[key] = [(m.step, None if key in wall_clock else m.value) for m in history]
             models = client.search_logged_models(experiment_ids=[exp.experiment_id],
                                                  filter_string=f"source_run_id = '{rid}'")
             name = (exp.name, run.info.run_name)

@@ -217,18 +217,10 @@ def test_flush_async_logging_and_flush_make_writes_visible_mid_run(use_uri, trac
 
 
 @pytest.mark.timeout(60)
-def test_spool_scheme_writes_the_spool_and_the_store(use_uri, tracking_uri: str, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spool_scheme_writes_the_spool_and_the_store(spooled_run, tracking_uri: str) -> None:
     from mlflow_er.spool.reader import SpoolReader
 
-    spool = tmp_path / "spool"
-    monkeypatch.setenv("MLFLOW_ER_SPOOL_DIR", str(spool))
-    use_uri("spool+" + tracking_uri)
-    with mlflow.start_run(run_name="spooled") as active:
-        for i in range(50):
-            mlflow.log_metric("loss", float(i), step=i)
-        mlflow.log_param("lr", 0.1)
-    run_id = active.info.run_id
+    run_id, spool = spooled_run(50)
     assert len(MlflowClient(tracking_uri).get_metric_history(run_id, "loss")) == 50
     # The same records are on disk, fsynced, for `mlflow-er sync` (run start and end included).
     kinds: dict[str, int] = {}
@@ -294,6 +286,27 @@ def test_uri_helpers() -> None:
     assert mlflow_store.split_uri("spool+sqlite:////tmp/a+b.db") == ("spool", "sqlite:////tmp/a+b.db")
     assert mlflow_store.split_uri("sqlite:////tmp/a+b.db") == (None, "sqlite:////tmp/a+b.db")
     assert mlflow_store.inner_uri("https://h") == "https://h" and mlflow_store.inner_uri(None) is None
+    assert mlflow_store.split_uri("process+https://h") == ("process", "https://h")
+
+
+def tracking_store_entry_points(pyproject: Path) -> dict[str, str]:
+    """The ``mlflow.tracking_store`` entry points a pyproject declares (no tomllib on Python 3.10)."""
+    text = pyproject.read_text()
+    table = text.split('[project.entry-points."mlflow.tracking_store"]', 1)[1].split("\n[", 1)[0]
+    pairs = (line.split("=", 1) for line in table.splitlines() if "=" in line and not line.startswith("#"))
+    return {k.strip().strip('"'): v.strip().strip('"') for k, v in pairs}
+
+
+def test_every_prefix_has_an_entry_point_for_every_store_scheme() -> None:
+    """pyproject declares each prefix for each of MLflow's store schemes (a new prefix cannot miss one)."""
+    from mlflow_er.mlflow_uris import BACKENDS, MODES
+
+    declared = tracking_store_entry_points(Path(__file__).parents[1] / "pyproject.toml")
+    assert set(declared.values()) == {"mlflow_er.mlflow_store:build_store"}
+    stores = ["http", "https", "sqlite", "postgresql", "mysql", "mssql", "postgresql+psycopg",
+              "postgresql+psycopg2", "mysql+pymysql", "mysql+mysqldb", "mssql+pyodbc"]
+    assert sorted(declared) == sorted(f"{mode}+{s}" for mode in MODES for s in stores)
+    assert BACKENDS == {"threaded": "threaded", "spool": "threaded", "process": "process"}
 
 
 @pytest.mark.timeout(60)

@@ -35,24 +35,38 @@ def _template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def tracking_uri(_template_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The conftest's fixture (a fresh SQLite store in ``tmp_path``), from a copy of the template."""
+def tracking_uri(_template_db: Path, tmp_path: Path, tracking_uri: str) -> str:
+    """The conftest's ``tracking_uri`` (a fresh SQLite store in ``tmp_path``), its database copied from the template."""
     import shutil
 
-    from mlflow.tracking._tracking_service import utils as tracking_utils
+    shutil.copyfile(_template_db, tmp_path / "mlflow.db")  # before anything opens it
+    return tracking_uri
 
-    previous = getattr(tracking_utils, "_tracking_uri", None)
-    shutil.copyfile(_template_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield uri
-    finally:
-        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]
+
+@pytest.fixture(params=["threaded+", "process+"])
+def prefix(request: pytest.FixtureRequest, use_uri: Callable[[str], str], tracking_uri: str) -> Iterator[str]:
+    """Each way the schemes deliver: a writer thread (``threaded+``), a spawned delivery process (``process+``).
+
+    The route is closed at the end of the test, so its delivery process does not outlive it.
+    """
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry as registry
+
+    from mlflow_er.scheme_route import _routes
+
+    # An editable install made before process+ existed has no entry point for it: the same builder.
+    registry._registry.setdefault(request.param + "sqlite", mlflow_store.build_store)
+    yield request.param
+    while mlflow.active_run():  # ended here, before the route closes (use_uri's teardown comes later)
+        try:
+            mlflow.end_run()
+        except DeliveryError:
+            pass
+    route = _routes.pop((request.param[:-1], tracking_uri), None)
+    if route is not None:
+        try:
+            route.backend.close(30)
+        except DeliveryError:
+            pass  # what failed was the test's to check
 
 
 @pytest.fixture
@@ -100,8 +114,8 @@ def test_two_prompt_links_keep_both_prompts(use_uri, tracking_uri: str, slow_sto
 
 # -- read your writes ---------------------------------------------------------------------------
 @pytest.mark.timeout(60)
-def test_reads_see_the_writes_before_them(use_uri, tracking_uri: str, slow_store: None) -> None:
-    use_uri("threaded+" + tracking_uri)
+def test_reads_see_the_writes_before_them(use_uri, tracking_uri: str, prefix: str, slow_store: None) -> None:
+    use_uri(prefix + tracking_uri)
     client = MlflowClient()
     with mlflow.start_run() as active:
         run_id = active.info.run_id
@@ -189,8 +203,8 @@ def test_too_long_values_follow_mlflows_truncation_switch(use_uri, tracking_uri:
 
 
 @pytest.mark.timeout(60)
-def test_delivery_error_at_end_run_is_an_mlflow_exception(use_uri, tracking_uri: str) -> None:
-    use_uri("threaded+" + tracking_uri)
+def test_delivery_error_at_end_run_is_an_mlflow_exception(use_uri, tracking_uri: str, prefix: str) -> None:
+    use_uri(prefix + tracking_uri)
     active = mlflow.start_run()
     MlflowClient(tracking_uri).log_param(active.info.run_id, "lr", "0.1")  # behind this process's back
     mlflow.log_param("lr", 0.2)  # only the store can tell: refused at delivery
@@ -241,9 +255,9 @@ def test_param_conflict_with_a_run_from_elsewhere_raises_at_the_call(use_uri, tr
 
 # -- writes after a run's end ---------------------------------------------------------------------
 @pytest.mark.timeout(60)
-def test_writes_after_end_are_delivered_and_their_failures_surface(use_uri, tracking_uri: str,
+def test_writes_after_end_are_delivered_and_their_failures_surface(use_uri, tracking_uri: str, prefix: str,
                                                                    slow_store: None) -> None:
-    use_uri("threaded+" + tracking_uri)
+    use_uri(prefix + tracking_uri)
     client = MlflowClient()
     with mlflow.start_run() as first:
         mlflow.log_metric("m", 1.0)
@@ -261,20 +275,67 @@ def test_writes_after_end_are_delivered_and_their_failures_surface(use_uri, trac
     mlflow_store.flush(timeout=30)  # reported once: nothing left
 
 
+# -- timestamps as MLflow takes them ------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_timestamps_follow_a_mocked_time_time_as_mlflows_do(use_uri, tracking_uri: str) -> None:
+    """Tests of training code mock ``time.time``; MLflow's timestamps follow it, so must ours."""
+    from unittest import mock
+
+    def history(uri: str) -> list[tuple[str, float, int, int]]:
+        use_uri(uri)
+        with mlflow.start_run() as active, mock.patch("time.time", return_value=123):
+            mlflow.log_metric("a", 25)
+            mlflow.log_metrics({"a": 30, "b": -3}, step=5)
+            MlflowClient().log_metric(active.info.run_id, "c", 1.0)
+        client = MlflowClient(tracking_uri)
+        return sorted((m.key, m.value, m.timestamp, m.step) for key in "abc"
+                      for m in client.get_metric_history(active.info.run_id, key))
+
+    plain = history(tracking_uri)
+    assert plain == [("a", 25.0, 123_000, 0), ("a", 30.0, 123_000, 5), ("b", -3.0, 123_000, 5),
+                     ("c", 1.0, 123_000, 0)]
+    assert history("threaded+" + tracking_uri) == plain
+
+
+# -- a point logged again at once is a second point, as on plain MLflow -------------------------
+@pytest.mark.timeout(60)
+def test_identical_points_logged_back_to_back_are_all_stored(use_uri, tracking_uri: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three identical points in one millisecond: three rows (plain MLflow's calls take ms each)."""
+    from mlflow.tracking._tracking_service import client as service_client
+    from mlflow.utils.time import get_current_time_millis
+
+    use_uri("threaded+" + tracking_uri)
+    client = MlflowClient()
+    with mlflow.start_run() as active:
+        rid = active.info.run_id
+        for _ in range(3):
+            mlflow.log_metric("epoch", 1.0, step=5)  # the fluent fast path stamps these itself
+        mlflow.log_metric("epoch", 2.0, step=5)  # another value: not a repeat
+        now = get_current_time_millis()
+        monkeypatch.setattr(service_client, "get_current_time_millis", lambda: now)  # one MLflow millisecond
+        for _ in range(3):
+            client.log_metric(rid, "acc", 0.5, step=1)  # MLflow stamps these; the store path sees them
+        monkeypatch.undo()
+        # An explicit old timestamp logged again is the same point: MLflow stores it once, so do we.
+        for _ in range(2):
+            client.log_batch(rid, metrics=[Metric("old", 3.0, 1_700_000_000_000, 0)])
+        history = {key: client.get_metric_history(rid, key) for key in ("epoch", "acc", "old")}
+    assert sorted((m.value, m.step) for m in history["epoch"]) == [(1.0, 5)] * 3 + [(2.0, 5)]
+    ts = sorted(m.timestamp for m in history["epoch"] if m.value == 1.0)
+    assert ts == [ts[0], ts[0] + 1, ts[0] + 2]  # one ms apart
+    assert [m.timestamp for m in history["epoch"] if m.value == 2.0] >= [ts[2]]  # logged after: not before them
+    assert [m.timestamp for m in history["acc"]] == [now, now + 1, now + 2]
+    assert [m.timestamp for m in history["old"]] == [1_700_000_000_000]
+
+
 # -- spool+ knows what was delivered live ------------------------------------------------------
 @pytest.mark.timeout(60)
-def test_spool_counts_live_deliveries_as_synced(use_uri, tracking_uri: str, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spool_counts_live_deliveries_as_synced(spooled_run, tracking_uri: str) -> None:
     from mlflow_er.spool.replay import sync
     from mlflow_er.spool.status import format_status, spool_status
 
-    spool = tmp_path / "spool"
-    monkeypatch.setenv("MLFLOW_ER_SPOOL_DIR", str(spool))
-    use_uri("spool+" + tracking_uri)
-    with mlflow.start_run() as active:
-        for i in range(40):
-            mlflow.log_metric("loss", float(i), step=i)
-        mlflow.log_param("lr", 0.1)
+    run_id, spool = spooled_run(40)
     status = spool_status(str(spool))
     total = status["totals"]["records"]
     assert total == 43  # start, 40 metrics, a param, end
@@ -282,4 +343,66 @@ def test_spool_counts_live_deliveries_as_synced(use_uri, tracking_uri: str, tmp_
     assert f"synced into {tracking_uri}: {total} of {total}" in format_status(status)
     report = sync(str(spool), tracking_uri)
     assert report.records == 0 and report.failed == []
-    assert len(MlflowClient(tracking_uri).get_metric_history(active.info.run_id, "loss")) == 40
+    assert len(MlflowClient(tracking_uri).get_metric_history(run_id, "loss")) == 40
+
+
+# -- exit: a run left open is ended and delivered, within a bound ----------------------------------
+_LEFT_OPEN = """
+import sys
+
+import mlflow
+from mlflow.tracking._tracking_service.utils import _tracking_store_registry as registry
+
+from mlflow_er import mlflow_store
+
+registry._registry.setdefault(sys.argv[1].partition(":")[0], mlflow_store.build_store)
+mlflow.set_tracking_uri(sys.argv[1])
+run = mlflow.start_run()
+for i in range(200):
+    mlflow.log_metric("loss", float(i), step=i)
+mlflow.set_tag("phase", "done")
+print(run.info.run_id, mlflow_store.stats()[sys.argv[1]].get("delivery_pid") or 0, flush=True)
+"""  # no end_run: MLflow ends the run at exit, after mlflow-er's own exit hook
+
+
+@pytest.mark.timeout(90)
+def test_exit_with_a_run_left_open_delivers_it_and_ends_it(tracking_uri: str, prefix: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    staging = tmp_path / "staging"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ER_FLUSH_TIMEOUT": "30",
+           "MLFLOW_ER_STAGING_DIR": str(staging), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = subprocess.run([sys.executable, "-c", _LEFT_OPEN, prefix + tracking_uri], capture_output=True, text=True,
+                         timeout=75, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "not delivered" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    run_id, delivery_pid = out.stdout.split()
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["phase"] == "done"
+    assert len(client.get_metric_history(run_id, "loss")) == 200
+    if prefix == "process+":  # the delivery process finished too, not left behind
+        assert int(delivery_pid) > 0
+        _wait_gone(int(delivery_pid), 30)
+    # Nothing was kept for a later `mlflow-er sync`: no queue or unsent records left in staging.
+    left = sorted(p.name for p in staging.iterdir()) if staging.exists() else []
+    assert left == []
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:  # a zombie nobody reaped has exited too
+                if f.read().rpartition(")")[2].split()[0] == "Z":
+                    return
+        except (ProcessLookupError, FileNotFoundError):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"delivery process {pid} still running {timeout}s after the training process exited")
