@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import TrackingUnavailable
+from .mlflow_uris import MODES
 from .redact import redact
 
 __all__ = ["PROBE_TIMEOUT", "check_scheme", "normalize_tracking_uri", "probe_server"]
@@ -70,14 +71,14 @@ def check_scheme(uri: str) -> None:
     """Raise :class:`TrackingUnavailable` (one line, with a suggestion) for a scheme no tracking store has.
 
     ``htp://host`` would otherwise surface as MLflow's multi-line traceback about the model registry.
-    A ``threaded+``/``spool+`` prefix is looked through; a driver suffix (``postgresql+psycopg2``) is fine.
+    A ``threaded+``/``spool+``/``process+`` prefix is looked through; a driver suffix (``postgresql+psycopg2``) is fine.
     """
     scheme = urlsplit(uri).scheme.lower()
     known = _known_schemes()
     if not scheme or not known or scheme in known or (len(scheme) == 1 and os.name == "nt"):
         return
     parts = scheme.split("+")
-    if parts[0] in ("threaded", "spool") and len(parts) > 1:
+    if parts[0] in MODES and len(parts) > 1:
         parts = parts[1:]
     if parts[0] in known:
         return
@@ -87,8 +88,8 @@ def check_scheme(uri: str) -> None:
     close = difflib.get_close_matches(parts[0], plain, n=1, cutoff=0.5)
     hint = f"did you mean {close[0]}://? " if close else ""
     raise _unavailable("scheme", f"tracking URI {uri}: unknown scheme {parts[0]!r}; {hint}MLflow's tracking stores "
-                                 f"take {', '.join(plain)} (or a local path), each also with a threaded+ or spool+ "
-                                 "prefix")
+                                 f"take {', '.join(plain)} (or a local path), each also with a "
+                                 f"{', '.join(m + '+' for m in MODES)} prefix")
 
 
 def _unavailable(kind: str, message: str) -> TrackingUnavailable:
