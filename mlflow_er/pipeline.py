@@ -286,8 +286,8 @@ class Pipeline:
             behind = sum(1 for it in backlog if type(it) not in _LIFECYCLE)
             self._kept_end = self._end
             self._cond.notify_all()
-        durable = next((lane for lane in self.lanes if lane.durable), None)
-        items = list(extra) if durable else [*backlog, *extra]
+        durable = self._durable_lane()
+        items = list(extra) if durable is not None else [*backlog, *extra]
         count = sum(1 for it in extra if type(it) not in _LIFECYCLE) + behind
         if not items and not behind:
             return 0, None
@@ -307,7 +307,10 @@ class Pipeline:
 
     def keep_location(self) -> str:
         """Where :meth:`keep_unsent` puts records: the durable sink's folder, else a new spool folder."""
-        return self.keeper.location(next((lane for lane in self.lanes if lane.durable), None))
+        return self.keeper.location(self._durable_lane())
+
+    def _durable_lane(self) -> Lane | None:
+        return next((lane for lane in self.lanes if lane.durable), None)
 
     def close(self, timeout: float | None = None, extra: Sequence[StreamItem] = ()) -> None:
         """Flush within ``timeout``, stop the lanes, close the sinks built by name.
