@@ -131,6 +131,28 @@ def test_outage_then_sigkill_the_spool_holds_every_record(via: str, outage: Faul
     assert _history(mlflow_server.uri, run_id) == list(range(5000)), "every record, each once"
 
 
+def test_the_flush_before_a_close_hands_back_its_error_and_keeps_on_an_interrupt() -> None:
+    from mlflow_er.errors import DeliveryError
+    from mlflow_er.unsent import flush_for_close
+
+    def short(timeout: float | None) -> None:
+        raise DeliveryError(unsent=3, message="flush timed out; 3 record(s) unsent")
+
+    deadline, problem = flush_for_close(short, 5.0)
+    assert problem is not None and problem.unsent == 3, "the close goes on and reports it"
+    assert deadline is not None and deadline > time.monotonic()
+    assert flush_for_close(lambda timeout: None, None) == (None, None)
+
+    kept: list[str] = []
+
+    def interrupted(timeout: float | None) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        flush_for_close(interrupted, 5.0, lambda: kept.append("kept"))
+    assert kept == ["kept"], "an interrupt keeps what is unsent before it unwinds"
+
+
 @pytest.mark.timeout(120)
 def test_threads_with_their_own_runs_on_one_backend(tracking_uri: str) -> None:
     tracker = ExperimentTracker("threads", tracking_uri=tracking_uri, backend="threaded", close_timeout=60)
