@@ -77,19 +77,27 @@ def _complain(what: str, name: str, unknown: Iterable[str], valid: Iterable[str]
                          f"valid options: {', '.join(valid) or 'none'}")
 
 
-def check_backend(name: str, options: Mapping[str, Any]) -> None:
-    """Raise :class:`UnknownOption` for a ``backend_options`` key the backend ``name`` does not take."""
-    if not options:
-        return
-    cls, own = _plugin_class("backend", name)
+def _check(kind: str, name: str, options: Mapping[str, Any], arg: str) -> None:
+    """Raise :class:`UnknownOption` for a key of ``options`` the ``kind`` (backend/sink) ``name`` does not take.
+
+    Only mlflow-er's own classes and those declaring ``options`` are checked: a third-party
+    factory may use its options in its own way.
+    """
+    cls, own = _plugin_class(kind, name)
     if cls is None or not (own or isinstance(getattr(cls, "options", None), (frozenset, set, tuple, list))):
-        return  # a third-party factory may use its options in its own way
+        return
     valid = accepted(cls)
     if valid is None:
         return
     unknown = set(options) - valid
     if unknown:
-        raise _complain("backend", name, unknown, valid, "backend_options")
+        raise _complain(kind, name, unknown, valid, arg)
+
+
+def check_backend(name: str, options: Mapping[str, Any]) -> None:
+    """Raise :class:`UnknownOption` for a ``backend_options`` key the backend ``name`` does not take."""
+    if options:
+        _check("backend", name, options, "backend_options")
 
 
 def check_sinks(sink_names: Iterable[str], sink_options: Mapping[str, Mapping[str, Any]]) -> None:
@@ -105,12 +113,4 @@ def check_sinks(sink_names: Iterable[str], sink_options: Mapping[str, Mapping[st
                                 f"options apply to a sink chosen by name in sinks=[...]")
         if not isinstance(opts, Mapping):
             raise UnknownOption(f"sink_options[{sink!r}] must be a dict of options, got {type(opts).__name__}")
-        cls, own = _plugin_class("sink", sink)
-        if cls is None or not (own or isinstance(getattr(cls, "options", None), (frozenset, set, tuple, list))):
-            continue
-        valid = accepted(cls)
-        if valid is None:
-            continue
-        unknown = set(opts) - valid
-        if unknown:
-            raise _complain("sink", sink, unknown, valid, "sink_options")
+        _check("sink", sink, opts, "sink_options")

@@ -14,27 +14,29 @@ its own retries and its own failures, so a sink that is down or slow never delay
   up to and including its end";
 * sinks built by name are opened, closed and rebuilt (after ``fork()``) here;
 * what cannot be delivered in time is never dropped silently: :meth:`Pipeline.keep_unsent`
-  puts it on disk in spool format and says which ``mlflow-er sync`` command replays it.
+  puts it on disk in spool format and says which ``mlflow-er sync`` command replays it
+  (:mod:`mlflow_er.unsent`).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from .delivery import RetryPolicy
 from .errors import DeliveryError, FailedRecord
 from .lanes import Lane, LaneWorker
+from .named_sinks import build as build  # re-exported: its home before named_sinks
+from .named_sinks import close_sinks
 from .records import Artifact, RunEnd, RunStart, StreamItem
 from .sinks.base import Sink, handles_artifacts
 from .staging import ArtifactStage
+from .unsent import Keeper, flush_for_close
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,8 @@ class Pipeline:
         self.policy = policy or RetryPolicy()
         self.max_backlog = max_backlog
         self.tracking_uri = tracking_uri
-        self.keep_dir = keep_dir
+        self.keeper = Keeper(tracking_uri, keep_dir)
         self._rebuild = list(rebuild) if rebuild is not None else [None] * len(sinks)
-        self._keep_name = f"unsent-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         self._sinks = list(sinks)
         #: ``(name, SinkContext)`` of each sink built by name (``None`` for instances), so another
         #: process (the ``process`` backend's delivery process) can build the same pipeline.
@@ -285,58 +286,31 @@ class Pipeline:
             behind = sum(1 for it in backlog if type(it) not in _LIFECYCLE)
             self._kept_end = self._end
             self._cond.notify_all()
-        durable = [lane for lane in self.lanes if lane.durable]
-        items = list(extra) if durable else [*backlog, *extra]
+        durable = self._durable_lane()
+        items = list(extra) if durable is not None else [*backlog, *extra]
         count = sum(1 for it in extra if type(it) not in _LIFECYCLE) + behind
         if not items and not behind:
             return 0, None
         try:
-            if durable:
-                lane = durable[0]
-                if items:
-                    self._register_artifacts(items)
-                    lane.process(items, inline_artifacts=True)
-                lane.sink.flush()
-                path = str(getattr(lane.sink, "path", "the spool"))
-            else:
-                path = self._spill_to_disk(items)
+            if durable is not None and items:
+                self._register_artifacts(items)
+            path = self.keeper.put(items, durable, self.stage, self._report)
         except Exception as exc:
             log.error("mlflow-er: %d record(s) could not be delivered and could not be kept on disk either: %s",
                       count, exc)
             self.lost += count
             return count, None
         self.kept += count
-        where = f" --tracking-uri {self._shown_uri()}" if self.tracking_uri else " --tracking-uri URI"
-        log.error("mlflow-er: %d record(s) not delivered in time are kept in %s; replay them with "
-                  "`mlflow-er sync %s%s`", count, path, path, where)
+        log.error("mlflow-er: %d record(s) not delivered in time are kept in %s; replay them with `%s`",
+                  count, path, self.keeper.sync_command(path))
         return count, path
 
     def keep_location(self) -> str:
         """Where :meth:`keep_unsent` puts records: the durable sink's folder, else a new spool folder."""
-        for lane in self.lanes:
-            if lane.durable:
-                return str(getattr(lane.sink, "path", lane.name))
-        from . import artifacts
+        return self.keeper.location(self._durable_lane())
 
-        root = Path(self.keep_dir) if self.keep_dir else artifacts.staging_root()
-        return str(root / self._keep_name)
-
-    def _spill_to_disk(self, items: Sequence[StreamItem]) -> str:
-        from .sinks.spool import SpoolSink
-
-        path = Path(self.keep_location())
-        sink = SpoolSink(path, fsync_interval=None, segment_age=None)
-        lane = Lane(sink, RetryPolicy(deadline=0), self.stage, self._report, threading.Event(), durable=True)
-        try:
-            lane.process(items, inline_artifacts=True)
-        finally:
-            sink.close(timeout=0)
-        return str(path)
-
-    def _shown_uri(self) -> str:
-        from .redact import redact
-
-        return redact(self.tracking_uri or "")
+    def _durable_lane(self) -> Lane | None:
+        return next((lane for lane in self.lanes if lane.durable), None)
 
     def close(self, timeout: float | None = None, extra: Sequence[StreamItem] = ()) -> None:
         """Flush within ``timeout``, stop the lanes, close the sinks built by name.
@@ -346,16 +320,12 @@ class Pipeline:
         """
         if self._closed:
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        problem: DeliveryError | None = None
-        try:
-            self.flush(timeout)
-        except DeliveryError as exc:
-            problem = exc
-        except BaseException:  # Ctrl-C / SIGTERM in the final flush: keep what is unsent, then unwind
+
+        def interrupted() -> None:  # Ctrl-C / SIGTERM in the final flush: keep what is unsent, then unwind
             self.keep_unsent(extra)
             self._shutdown(0.0)
-            raise
+
+        deadline, problem = flush_for_close(self.flush, timeout, interrupted)
         path = None
         if problem is not None and problem.unsent:
             _, path = self.keep_unsent(extra)
@@ -364,8 +334,7 @@ class Pipeline:
         if problem is not None or failed:
             message = str(problem) if problem and not failed else None
             if path and message:
-                uri = self._shown_uri() or 'URI'
-                message += f"; kept in {path} (replay: mlflow-er sync {path} --tracking-uri {uri})"
+                message += f"; kept in {path} (replay: {self.keeper.sync_command(path)})"
             error = DeliveryError([*(problem.failed if problem else []), *failed],
                                   unsent=problem.unsent if problem else 0, message=message)
             error.kept_in = path
@@ -378,18 +347,8 @@ class Pipeline:
             w.stop(end)
         for lane in self.lanes:
             lane.stop_artifacts(max(0.0, end - time.monotonic()))
-        failed: list[FailedRecord] = []
-        for lane, rebuild in zip(self.lanes, self._owned_flags(), strict=True):
-            if not rebuild:
-                continue
-            try:
-                close = lane.sink.close
-                if "timeout" in inspect.signature(close).parameters:  # the spool bounds its last uploads
-                    close(timeout=max(0.0, end - time.monotonic()))  # type: ignore[call-arg]
-                else:
-                    close()
-            except Exception as exc:
-                failed.append(FailedRecord("sink", lane.name, f"close failed: {type(exc).__name__}: {exc}"))
+        owned = [lane for lane, mine in zip(self.lanes, self._owned_flags(), strict=True) if mine]
+        failed = close_sinks([(lane.name, lane.sink) for lane in owned], end)
         if self._stop.is_set():
             self.stage.discard_all()
         return failed
@@ -449,42 +408,3 @@ def _unique(seen: dict[str, Any], name: str) -> str:
     while f"{name}#{i}" in seen:
         i += 1
     return f"{name}#{i}"
-
-
-
-def build(specs: Sequence[str | Sink], context: Callable[[str], Any], *, policy: RetryPolicy | None = None,
-          tracking_uri: str | None = None, **options: Any) -> Pipeline:
-    """The one way to build a pipeline: sinks given by name are made through the plugins (and
-    rebuilt after ``fork()``, closed with the pipeline); instances are used as they are.
-
-    ``context(name)`` returns the :class:`~mlflow_er.hookspecs.SinkContext` for a sink name.
-    """
-    from . import plugins
-
-    sinks: list[Sink] = []
-    rebuild: list[Callable[[], Sink] | None] = []
-    named: list[tuple[str, Any] | None] = []
-    try:
-        for spec in specs:
-            if isinstance(spec, str):
-                def make(name: str = spec) -> Sink:
-                    return plugins.make_sink(name, context(name))
-
-                sinks.append(make())
-                rebuild.append(make)
-                named.append((spec, context(spec)))
-            else:
-                sinks.append(spec)
-                rebuild.append(None)
-                named.append(None)
-    except BaseException:
-        for sink, r in zip(sinks, rebuild, strict=False):  # a later sink failed: release the earlier ones
-            if r is not None:
-                try:
-                    sink.close()
-                except Exception:
-                    pass
-        raise
-    pipeline = Pipeline(sinks, policy=policy, rebuild=rebuild, tracking_uri=tracking_uri, **options)
-    pipeline.specs = named
-    return pipeline

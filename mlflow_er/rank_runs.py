@@ -55,12 +55,16 @@ class InactiveClient:
         return f"<InactiveClient {self._plan.describe()}>"
 
 
-class InactiveRun(Run):
-    """A run handle that validates every call and discards the records (``ranks="zero"``, rank > 0)."""
+class _RankRun(Run):
+    """A run handle of one rank of a distributed job: a :class:`Run` that knows its rank's ``plan``."""
 
     def __init__(self, *args: Any, plan: RankPlan, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.plan = plan
+
+
+class InactiveRun(_RankRun):
+    """A run handle that validates every call and discards the records (``ranks="zero"``, rank > 0)."""
 
     def _stored(self) -> Any:
         raise MlflowErError(f"{self.plan.describe()} is inactive (ranks='zero'): it has no run; rank 0 logs")
@@ -69,12 +73,11 @@ class InactiveRun(Run):
         return f"<mlflow_er.Run inactive, {self.plan.describe()}>"
 
 
-class RankedRun(Run):
+class RankedRun(_RankRun):
     """A handle on the run all ranks share (``ranks="all"``): metric keys suffixed, rank 0 alone logs the rest."""
 
     def __init__(self, *args: Any, plan: RankPlan, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.plan = plan
+        super().__init__(*args, plan=plan, **kwargs)
         self._suffix = f"/rank{plan.rank}"
         self._keys: dict[str, str] = {}
         self.discarded = 0

@@ -11,19 +11,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import LifecycleStage
 
-from . import health, options, plugins, recap, runblock
+from . import health, options, plugins, recap, run_end, runblock, strategies
 from .backends.base import Backend
 from .errors import DeliveryError, MlflowErError, Terminated
 from .hookspecs import SinkContext
 from .jobs import JobRunner
+from .named_sinks import build as build_pipeline
 from .pipeline import Pipeline
-from .pipeline import build as build_pipeline
 from .probe import PROBE_TIMEOUT as PROBE_TIMEOUT  # re-exported: 0.2 had these here
 from .probe import normalize_tracking_uri as normalize_tracking_uri
 from .probe import probe_server as probe_server
@@ -31,11 +30,11 @@ from .ranks import InactiveBackend, InactiveClient, RankPlan
 from .redact import redact
 from .run import Run
 from .sinks.base import Sink
+from .strategies import DEFAULT_BACKEND as DEFAULT_BACKEND  # re-exported: 0.2 had these here
+from .strategies import DEFAULT_SINKS as DEFAULT_SINKS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKEND = "sync"
-DEFAULT_SINKS = ("mlflow",)
 
 
 def git_commit() -> str:
@@ -45,13 +44,6 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return out.stdout.decode("ascii", "replace").strip() if out.returncode == 0 else ""
-
-
-def _needs_server(pm: Any, sink: str | Sink) -> bool:
-    if isinstance(sink, Sink):
-        return bool(getattr(sink, "needs_server", True))
-    answer = pm.hook.mlflow_er_sink_needs_server(name=sink)
-    return True if answer is None else bool(answer)
 
 
 class ExperimentTracker:
@@ -82,16 +74,16 @@ class ExperimentTracker:
         self.rank = RankPlan.detect(ranks)
         inactive = self.rank.inactive  # ranks="zero" on rank > 0: build nothing that reaches a store
         pm = plugins.get_plugin_manager()
-        spec = self._sink_names(sinks)
+        spec = strategies.sink_names(sinks)
         # Before anything is built or resolved: a typo in an option names the valid ones.
         options.check_sinks([s for s in spec if isinstance(s, str)], sink_options or {})
         if not isinstance(backend, Backend):
-            options.check_backend(self._backend_name(backend), backend_options or {})
+            options.check_backend(strategies.backend_name(backend), backend_options or {})
         #: True silences the recap at each run's end (default: ``$MLFLOW_ER_QUIET``); see :mod:`mlflow_er.recap`.
         self.quiet = recap.quiet(quiet)
         self._given_uri = os.fspath(tracking_uri) if tracking_uri is not None else None
         #: True when every sink works without a server: nothing here contacts the tracking server.
-        self.offline = inactive or all(not _needs_server(pm, s) for s in spec)
+        self.offline = inactive or all(not strategies.needs_server(pm, s) for s in spec)
         uri = tracking_uri if inactive else normalize_tracking_uri(tracking_uri, probe=not self.offline)
         if uri is not None and not self.offline:
             mlflow.set_tracking_uri(uri)  # as the seed did: fluent calls inside a run go there too
@@ -111,7 +103,8 @@ class ExperimentTracker:
         if self._experiment is None:
             raise MlflowErError("no plugin resolved the experiment")
         self.git_commit = (self._experiment.tags or {}).get("git_commit", commit)
-        self._backend = InactiveBackend(self.rank) if inactive else self._build_backend(backend, backend_options or {})
+        self._backend = (InactiveBackend(self.rank) if inactive
+                         else strategies.make_backend(backend, backend_options or {}))
         self._sink_options = sink_options or {}
         self._spec: list[str | Sink] = [] if inactive else spec
         # Built now so a bad name or option fails here, not at the first run; rebuilt per outermost run.
@@ -124,28 +117,6 @@ class ExperimentTracker:
         log.info("%r", self)
 
     # -- strategies ------------------------------------------------------------------------
-    @staticmethod
-    def _build_backend(backend: str | Backend | None, options: dict[str, Any]) -> Backend:
-        if isinstance(backend, Backend):
-            return backend
-        return plugins.make_backend(ExperimentTracker._backend_name(backend), **options)
-
-    @staticmethod
-    def _backend_name(backend: str | None) -> str:
-        return (backend or os.environ.get("MLFLOW_ER_BACKEND") or DEFAULT_BACKEND).strip()
-
-    @staticmethod
-    def _sink_names(sinks: Sequence[str | Sink] | str | None) -> list[str | Sink]:
-        if sinks is None:
-            env = os.environ.get("MLFLOW_ER_SINKS")
-            sinks = env if env else list(DEFAULT_SINKS)
-        if isinstance(sinks, str):
-            sinks = [s.strip() for s in sinks.split(",") if s.strip()]
-        out = [s if isinstance(s, Sink) else str(s).strip() for s in sinks]
-        if not out:
-            raise MlflowErError("at least one sink is needed")
-        return out
-
     def _sink_context(self, name: str) -> SinkContext:
         return SinkContext(self._uri, self.id, self._experiment.name, dict(self._sink_options.get(name, {})))
 
@@ -377,22 +348,19 @@ class ExperimentTracker:
         if not self.offline and self.rank.owns_runs:
             left = 5.0 if deadline is None else max(1.0, deadline - time.monotonic())
             try:
-                self._end_mlflow_run(handle.run_id, status, left)
+                run_end.end_mlflow_run(self.client, self._uri, handle.run_id, status, left)
             except (KeyboardInterrupt, Terminated) as exc:
                 # Stopped while the status was being stored: the process is going away, so the run
                 # ends KILLED (bounded; a further Ctrl-C stops at once).
                 interrupted, status = interrupted or exc, "KILLED"
-                self._set_status(handle.run_id, status, 5.0)
+                run_end.set_status(self.client, self._uri, handle.run_id, status, 5.0)
         if facts is not None:
             facts.status = status
             recap.show(facts.lines(), self.quiet)
         if interrupted is not None:
             raise interrupted
-        if failures or problem:
-            error = DeliveryError([*failures, *(problem.failed if problem else [])],
-                                  unsent=problem.unsent if problem else 0,
-                                  message=str(problem) if problem and not failures else None)
-            error.kept_in = problem.kept_in if problem else None
+        error = run_end.run_error(failures, problem)
+        if error is not None:
             if block_error is not None:
                 # Never mask the block's own exception: attach the delivery problem to it.
                 log.error("run %s: %s", handle.run_id, error)
@@ -405,36 +373,7 @@ class ExperimentTracker:
         with self._runs_lock:
             self._open_runs -= 1
             last = self._open_runs == 0
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            if not last:
-                self._backend.flush(left)
-                return None
-            first: DeliveryError | None = None
-            if status != "FINISHED" and (left is None or left > 1.0):
-                # Interrupted with records still queued: say what we are waiting for before waiting.
-                try:
-                    self._backend.flush(1.0)
-                except DeliveryError as exc:
-                    first = exc
-                    if exc.unsent:
-                        log.warning("mlflow-er: sending %d record(s) to %s for up to %.0f s — Ctrl-C again to "
-                                    "stop now; unsent records will be kept in %s", exc.unsent, self._shown_uri(),
-                                    max(0.0, (left or 0) - 1.0), self._keep_location())
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                self._backend.close(left)
-            except DeliveryError as exc:
-                if first is None:
-                    return exc
-                merged = DeliveryError([*first.failed, *exc.failed], unsent=exc.unsent, message=str(exc))
-                merged.kept_in = exc.kept_in
-                return merged
-            if first is not None and first.failed:
-                return DeliveryError(first.failed)
-        except DeliveryError as exc:
-            return exc
-        return None
+        return run_end.deliver(self._backend, last, deadline, status, redact(self._uri), self._keep_location)
 
     def _spool_path(self) -> str | None:
         """The folder of this tracker's durable sink (the spool), if it has one."""
@@ -468,66 +407,3 @@ class ExperimentTracker:
     def _keep_location(self) -> str:
         pipeline = getattr(self._backend, "pipeline", None)
         return pipeline.keep_location() if isinstance(pipeline, Pipeline) else "a folder under the staging directory"
-
-    def _shown_uri(self) -> str:
-        return redact(self._uri)
-
-    def _end_mlflow_run(self, run_id: str, status: str, budget: float) -> None:
-        """Take the run off MLflow's active-run stack (wherever it is) and store its status, bounded.
-
-        MLflow's own ``end_run`` only ends the run on top of the stack and waits as long as its
-        HTTP retries take; blocks may end in any order and a server may never answer.
-        """
-        import mlflow.tracking.fluent as fluent
-
-        stack_var = getattr(fluent, "_active_run_stack", None)
-        stack = stack_var.get() if stack_var is not None else None
-        if stack is None:  # an MLflow without the private stack: its own end_run, unbounded
-            current = mlflow.active_run()
-            if current is not None and current.info.run_id == run_id:
-                mlflow.end_run(status)
-            return
-        mine = [i for i, r in enumerate(stack) if r.info.run_id == run_id]
-        if not mine:
-            return
-        stack.pop(mine[-1])
-        from mlflow.environment_variables import MLFLOW_RUN_ID
-
-        MLFLOW_RUN_ID.unset()
-        last = getattr(fluent, "_last_active_run_id", None)
-        if last is not None and hasattr(last, "set"):
-            last.set(run_id)
-        monitor = getattr(fluent, "run_id_to_system_metrics_monitor", {}).pop(run_id, None)
-        if monitor is not None:
-            monitor.finish()
-        self._set_status(run_id, status, budget)
-
-    def _set_status(self, run_id: str, status: str, budget: float) -> None:
-        """``set_terminated`` on a thread of its own, waited for at most ``budget`` seconds."""
-        errors: list[BaseException] = []
-        secret = bool(urlsplit(self._uri).password)
-
-        def terminate() -> None:
-            # MLflow prints "View run ... at <tracking URI>" from set_terminated: never with a password.
-            before = os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
-            if secret:
-                os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-            try:
-                self.client.set_terminated(run_id, status)
-            except BaseException as exc:
-                errors.append(exc)
-            finally:
-                if secret:
-                    if before is None:
-                        os.environ.pop("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", None)
-                    else:
-                        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = before
-
-        t = threading.Thread(target=terminate, name="mlflow-er-end-run", daemon=True)
-        t.start()
-        t.join(budget)
-        if t.is_alive():
-            log.error("mlflow-er: the tracking server did not confirm run %s as %s within %.0f s; it may show "
-                      "RUNNING until the server answers", run_id, status, budget)
-        elif errors:
-            log.error("mlflow-er: could not mark run %s as %s: %s", run_id, status, errors[0])

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from servers import HOST, MlflowServer, MotoS3, _tail, free_port
+from servers import HOST, Acceptor, MlflowServer, MotoS3, _tail, free_port
 
 PG_GLOB = "/usr/lib/postgresql/*/bin/initdb"
 
@@ -149,7 +149,7 @@ class PgMlflowServer(MlflowServer):
         return {**super()._env(), **self.s3.env()}
 
 
-class TcpRelay:
+class TcpRelay(Acceptor):
     """Listen on ``(host, port)`` and pipe each connection to ``target`` (a loopback server).
 
     Lets processes in a test network namespace reach a server that binds only loopback:
@@ -158,36 +158,28 @@ class TcpRelay:
 
     def __init__(self, host: str, target: tuple[str, int], port: int = 0) -> None:
         self.target = target
-        self.sock = socket.create_server((host, port))
-        self.sock.settimeout(0.2)
-        self.host, self.port = self.sock.getsockname()[:2]
-        self._stop = threading.Event()
+        sock = socket.create_server((host, port))
+        self.host, self.port = sock.getsockname()[:2]
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._serve, daemon=True, name=f"relay-{self.host}")
-        self._thread.start()
+        super().__init__(sock, name=f"relay-{self.host}")
 
     @property
     def uri(self) -> str:
         """``http://HOST:PORT`` of the relay."""
         return f"http://{self.host}:{self.port}"
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+    def accepted(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.target, timeout=10)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        with self._lock:
+            self._conns += [client, upstream]
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     @staticmethod
     def _pipe(src: socket.socket, dst: socket.socket) -> None:
@@ -205,9 +197,7 @@ class TcpRelay:
 
     def close(self) -> None:
         """Stop accepting and cut every open connection."""
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
+        super().close()
         with self._lock:
             for s in self._conns:
                 s.close()

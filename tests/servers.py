@@ -683,22 +683,22 @@ class MotoS3:
         self.stop()
 
 
-class CountingListener:
-    """A TCP listener on 127.0.0.1 that counts connection attempts (a server that must not be called)."""
+class Acceptor:
+    """A listening socket whose connections a daemon thread hands to :meth:`accepted` until :meth:`close`.
 
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.connections = 0
+    A subclass sets its own attributes first: the thread starts in this ``__init__``.
+    """
+
+    def __init__(self, sock: socket.socket, name: str | None = None) -> None:
+        self.sock = sock
+        self.sock.settimeout(0.2)  # how often the accept loop looks at the stop flag
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread = threading.Thread(target=self._serve, daemon=True, name=name)
         self._thread.start()
 
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+    def accepted(self, conn: socket.socket) -> None:
+        """Handle one accepted connection (on the accept thread)."""
+        raise NotImplementedError
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -706,10 +706,29 @@ class CountingListener:
                 conn, _ = self.sock.accept()
             except OSError:
                 continue
-            self.connections += 1
-            conn.close()
+            self.accepted(conn)
 
     def close(self) -> None:
+        """Stop accepting and close the listening socket."""
         self._stop.set()
         self._thread.join(2)
         self.sock.close()
+
+
+class CountingListener(Acceptor):
+    """A TCP listener on 127.0.0.1 that counts connection attempts (a server that must not be called)."""
+
+    def __init__(self) -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        self.connections = 0
+        super().__init__(sock)
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def accepted(self, conn: socket.socket) -> None:
+        self.connections += 1
+        conn.close()

@@ -123,17 +123,24 @@ class Cluster:
             _ip("netns", "del", ns, check=False)
         self.made.clear()
 
+    def __enter__(self) -> Cluster:
+        try:
+            self.make()
+        except BaseException:
+            self.close()  # what make() set up before it failed
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
-    c = Cluster()
-    try:
-        c.make()
+    with Cluster() as c:
         yield c
-    finally:
-        c.close()
-        leftover = _ip("netns", "list", check=False).stdout if shutil.which("ip") else ""
-        assert not any(ns in leftover for ns in c.ns.values()), f"namespaces left behind: {leftover}"
+    leftover = _ip("netns", "list", check=False).stdout if shutil.which("ip") else ""
+    assert not any(ns in leftover for ns in c.ns.values()), f"namespaces left behind: {leftover}"
 
 
 def node_env(tmp_path: Path, node: str, **extra: str) -> tuple[Path, dict[str, str]]:

@@ -81,16 +81,13 @@ def _history(uri: str, run_id: str, key: str = "m") -> list[int]:
     return sorted(int(m.step) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
-@pytest.mark.server
-@pytest.mark.timeout(120)
-def test_outage_then_sigkill_the_spool_holds_every_record(outage: FaultServer, mlflow_server: MlflowServer,
-                                                          tmp_path: Path) -> None:
-    spool = tmp_path / "spool"
-    proc = _child(f"""
+#: How the outage child logs: through a tracker with both sinks, or MLflow's fluent API on ``spool+http://``.
+OUTAGE_CHILDREN = {
+    "sinks": """
         import time
         from mlflow_er import ExperimentTracker
-        t = ExperimentTracker("outage-{uuid.uuid4().hex[:8]}", tracking_uri={outage.uri!r}, backend="threaded",
-                              sinks=["mlflow", "spool"], sink_options={{"spool": {{"path": {str(spool)!r}}}}})
+        t = ExperimentTracker("outage-{tag}", tracking_uri={uri!r}, backend="threaded",
+                              sinks=["mlflow", "spool"], sink_options={{"spool": {{"path": {spool!r}}}}})
         with t.run(run_name="r") as run:
             print("RUN", run.run_id, flush=True)
             for i in range(5000):
@@ -99,8 +96,31 @@ def test_outage_then_sigkill_the_spool_holds_every_record(outage: FaultServer, m
                     time.sleep(0.05)
             print("LOGGED", flush=True)
             time.sleep(600)
-    """)
-    lines = _read_until(proc, "LOGGED", 60)
+    """,
+    "scheme": """
+        import time
+        import mlflow
+        mlflow.set_tracking_uri("spool+" + {uri!r})
+        mlflow.set_experiment("outage-scheme-{tag}")
+        with mlflow.start_run() as r:
+            print("RUN", r.info.run_id, flush=True)
+            for i in range(5000):
+                mlflow.log_metric("m", float(i), step=i)
+            print("LOGGED", flush=True)
+            time.sleep(600)
+    """,
+}
+
+
+@pytest.mark.server
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("via", sorted(OUTAGE_CHILDREN))
+def test_outage_then_sigkill_the_spool_holds_every_record(via: str, outage: FaultServer,
+                                                          mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    code = OUTAGE_CHILDREN[via].format(tag=uuid.uuid4().hex[:8], uri=outage.uri, spool=str(spool))
+    proc = _child(code, env={"MLFLOW_ER_SPOOL_DIR": str(spool)} if via == "scheme" else None)
+    lines = _read_until(proc, "LOGGED", 90)
     run_id = lines[0].split()[1]
     time.sleep(1.0)  # each record must be on disk within a second of its call
     proc.kill()
@@ -111,30 +131,26 @@ def test_outage_then_sigkill_the_spool_holds_every_record(outage: FaultServer, m
     assert _history(mlflow_server.uri, run_id) == list(range(5000)), "every record, each once"
 
 
-@pytest.mark.server
-@pytest.mark.timeout(120)
-def test_outage_then_sigkill_through_the_spool_scheme(outage: FaultServer, mlflow_server: MlflowServer,
-                                                      tmp_path: Path) -> None:
-    spool = tmp_path / "spool"
-    proc = _child(f"""
-        import time
-        import mlflow
-        mlflow.set_tracking_uri("spool+" + {outage.uri!r})
-        mlflow.set_experiment("outage-scheme-{uuid.uuid4().hex[:8]}")
-        with mlflow.start_run() as r:
-            print("RUN", r.info.run_id, flush=True)
-            for i in range(5000):
-                mlflow.log_metric("m", float(i), step=i)
-            print("LOGGED", flush=True)
-            time.sleep(600)
-    """, env={"MLFLOW_ER_SPOOL_DIR": str(spool)})
-    lines = _read_until(proc, "LOGGED", 90)
-    run_id = lines[0].split()[1]
-    time.sleep(1.0)
-    proc.kill()
-    proc.wait(10)
-    assert sync_main([str(spool), "--tracking-uri", mlflow_server.uri]) == 0
-    assert _history(mlflow_server.uri, run_id) == list(range(5000))
+def test_the_flush_before_a_close_hands_back_its_error_and_keeps_on_an_interrupt() -> None:
+    from mlflow_er.errors import DeliveryError
+    from mlflow_er.unsent import flush_for_close
+
+    def short(timeout: float | None) -> None:
+        raise DeliveryError(unsent=3, message="flush timed out; 3 record(s) unsent")
+
+    deadline, problem = flush_for_close(short, 5.0)
+    assert problem is not None and problem.unsent == 3, "the close goes on and reports it"
+    assert deadline is not None and deadline > time.monotonic()
+    assert flush_for_close(lambda timeout: None, None) == (None, None)
+
+    kept: list[str] = []
+
+    def interrupted(timeout: float | None) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        flush_for_close(interrupted, 5.0, lambda: kept.append("kept"))
+    assert kept == ["kept"], "an interrupt keeps what is unsent before it unwinds"
 
 
 @pytest.mark.timeout(120)

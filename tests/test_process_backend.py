@@ -19,6 +19,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -58,6 +59,16 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 def _queue_dirs(staging: Path) -> list[Path]:
     return [p for p in staging.iterdir() if p.name.startswith("process-")]
+
+
+def _process_run(tracking_uri: str, experiment: str) -> Any:
+    """A run block (``with``) of a tracker of ``experiment`` on the ``process`` backend."""
+    return ExperimentTracker(experiment, tracking_uri=tracking_uri, backend="process").run(run_name="r")
+
+
+def _log_steps(run: Any, key: str, steps: range) -> None:
+    for i in steps:
+        run.log_metric(key, float(i), step=i)
 
 
 @pytest.mark.timeout(500)
@@ -101,16 +112,13 @@ def test_sigkill_of_the_training_process_at_random_points(tmp_path: Path) -> Non
 
 @pytest.mark.timeout(180)
 def test_sigkill_of_the_delivery_process_mid_run(tracking_uri: str) -> None:
-    tracker = ExperimentTracker("proc-restart", tracking_uri=tracking_uri, backend="process")
-    with tracker.run(run_name="r") as run:
-        for i in range(3000):
-            run.log_metric("m", float(i), step=i)
+    with _process_run(tracking_uri, "proc-restart") as run:
+        _log_steps(run, "m", range(3000))
         run.flush(timeout=60)
         first = run.stats()["delivery_pid"]
         os.kill(first, signal.SIGKILL)
         assert _wait_gone(first, 10)
-        for i in range(3000, 6000):
-            run.log_metric("m", float(i), step=i)
+        _log_steps(run, "m", range(3000, 6000))
         run.flush(timeout=90)
         stats = run.stats()
     assert stats["restarts"] == 1 and stats["delivery_pid"] != first
@@ -120,16 +128,13 @@ def test_sigkill_of_the_delivery_process_mid_run(tracking_uri: str) -> None:
 
 @pytest.mark.timeout(180)
 def test_a_forked_child_logs_through_its_own_delivery_process(tracking_uri: str) -> None:
-    tracker = ExperimentTracker("proc-fork", tracking_uri=tracking_uri, backend="process")
-    with tracker.run(run_name="r") as run:
-        for i in range(500):
-            run.log_metric("parent", float(i), step=i)
+    with _process_run(tracking_uri, "proc-fork") as run:
+        _log_steps(run, "parent", range(500))
         pid = os.fork()
         if pid == 0:  # the child: log, flush, and leave without running the parent's exit hooks
             code = 1
             try:
-                for i in range(300):
-                    run.log_metric("child", float(i), step=i)
+                _log_steps(run, "child", range(300))
                 run.flush(timeout=60)
                 code = 0
             finally:

@@ -29,16 +29,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import BackendClosed, DeliveryError, FailedRecord, MlflowErError, QueueFull
 from ..records import MAX_METRICS_PER_BATCH, Artifact, Metric, RunEnd, RunStart, StreamItem
-from . import lifecycle
-from .base import Backend, backend_hooks
+from ..unsent import flush_for_close
+from .base import backend_hooks
 from .follower import CLOSE, CONFIG, FAILURES, STATUS, read_json, write_json
+from .queued import QueuedBackend
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class _Marker:
         self.upto = 0  # records appended to the queue when the marker was reached
 
 
-class ProcessBackend(Backend):
+class ProcessBackend(QueuedBackend):
     """Hand records to a delivery process through an on-disk queue (see the module docstring).
 
     :param max_queue: records waiting in memory for the appender before a log call waits.
@@ -70,22 +69,15 @@ class ProcessBackend(Backend):
     def __init__(self, max_queue: int = 100_000, flush_interval: float = 0.05, retry_deadline: float = 300.0,
                  close_timeout: float = 30.0, queue_dir: str | None = None, max_restarts: int = 5,
                  block_timeout: float = 30.0):
-        self.max_queue = max_queue
-        self.flush_interval = flush_interval
-        self.retry_deadline = retry_deadline
-        self.close_timeout = close_timeout
         self.queue_dir = queue_dir
         self.max_restarts = max_restarts
-        self.block_timeout = block_timeout
         self._specs: list[tuple[str, Any]] = []
         self._tracking_uri: str | None = None
-        self._init_state()
-        lifecycle.track(self)
+        super().__init__(max_queue=max_queue, flush_interval=flush_interval, retry_deadline=retry_deadline,
+                         close_timeout=close_timeout, block_timeout=block_timeout)
 
     def _init_state(self) -> None:
-        self._buf: deque[Any] = deque()
-        self._wake = threading.Event()
-        self._lock = threading.Lock()
+        super()._init_state()
         self._root: Path | None = None
         self._writer: Any = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -94,8 +86,6 @@ class ProcessBackend(Backend):
         self._failures_read = 0  # bytes of failures.jsonl already reported
         self._failed = 0
         self._restarts = 0
-        self._closing = False
-        self._fatal: BaseException | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self, pipeline: Any) -> None:
@@ -109,10 +99,6 @@ class ProcessBackend(Backend):
         # This process never delivers: release what the tracker built here (sockets, spool writers).
         pipeline.close(0)
         self._closing = False
-
-    def after_fork_in_child(self) -> None:
-        """A forked child that logs starts a queue and a delivery process of its own."""
-        self._init_state()
 
     def _start(self) -> None:
         """Create the queue, its writer and the delivery process (first record, or after a fork)."""
@@ -164,10 +150,6 @@ class ProcessBackend(Backend):
                     self._start()
         if len(buf) >= MAX_METRICS_PER_BATCH or type(record) is not Metric:
             self._wake.set()
-
-    def submit_many(self, records: Sequence[StreamItem]) -> None:
-        for r in records:
-            self.submit(r)
 
     def _wait_for_room(self) -> None:
         if self._fatal is not None:
@@ -300,16 +282,8 @@ class ProcessBackend(Backend):
         """Flush within ``timeout``, then stop the delivery process; what is unsent stays queued and delivered."""
         if self._appender is None:
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        problem: DeliveryError | None = None
-        try:
-            self.flush(timeout)
-        except DeliveryError as exc:
-            problem = exc
-        self._closing = True
-        self._wake.set()
-        if self._appender is not threading.current_thread():
-            self._appender.join(5.0)
+        deadline, problem = flush_for_close(self.flush, timeout)
+        self._stop_thread(self._appender, 5.0)
         assert self._root is not None
         (self._root / CLOSE).touch()
         left = 5.0 if deadline is None else max(0.5, deadline - time.monotonic())

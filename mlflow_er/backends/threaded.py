@@ -16,14 +16,14 @@ import sys
 import threading
 import time
 import warnings
-from collections import Counter, deque
-from collections.abc import Sequence
+from collections import Counter
 from typing import Any
 
 from ..errors import BackendClosed, DeliveryError, QueueFull
 from ..records import MAX_METRICS_PER_BATCH, Artifact, Metric, RunEnd, RunStart, StreamItem, approx_size
-from . import lifecycle
-from .base import Backend, backend_hooks
+from ..unsent import flush_for_close
+from .base import backend_hooks
+from .queued import QueuedBackend
 from .spill import Overflow
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class _Marker:
         self.spill_upto = spill_upto  # spilled records submitted before the flush: hand them over first
 
 
-class ThreadedBackend(Backend):
+class ThreadedBackend(QueuedBackend):
     """Move records to the pipeline from a background writer thread.
 
     :param max_queue: records held in memory before ``on_full`` applies (~250 B each). A sink
@@ -67,39 +67,30 @@ class ThreadedBackend(Backend):
             raise ValueError(f"on_full must be one of {ON_FULL}, got {on_full!r}")
         if max_queue < 1 or max_bytes < 1:
             raise ValueError("max_queue and max_bytes must be positive")
-        self.max_queue = max_queue
         self.max_bytes = max_bytes
         self.on_full = on_full
-        self.block_timeout = block_timeout
-        self.flush_interval = flush_interval
-        self.retry_deadline = retry_deadline
-        self.close_timeout = close_timeout
         self.spill_path = spill_path
-        self._init_state()
-        lifecycle.track(self)
+        super().__init__(max_queue=max_queue, flush_interval=flush_interval, retry_deadline=retry_deadline,
+                         close_timeout=close_timeout, block_timeout=block_timeout)
 
     def _init_state(self) -> None:
         """Fresh queue, locks and counters (at construction and in a forked child)."""
-        self._buf: deque[Any] = deque()
+        super()._init_state()
         # Wake the writer early once a full batch waits, or the buffer is full, whichever first.
         self._kick_default = min(MAX_METRICS_PER_BATCH, self.max_queue)
         self._chunk = min(_CHUNK, self.max_queue)  # handed over at once: bounded like the buffer
         self._kick_at = self._kick_default
         self._limit = self.max_queue  # the hot path's bound; 0 while spilling (all go to disk)
         self._overflow = Overflow(self.spill_path)
-        self._lock = threading.Lock()
         self._not_full = threading.Condition(self._lock)
         self._waiters = 0
         self._bytes = 0
-        self._wake = threading.Event()
-        self._closing = False
         self._dropped: Counter[str] = Counter()
         self._warned_drop = False
         self._inflight = 0  # records taken from the queue, not yet handed to the pipeline
         self._inflight_oldest: int | None = None
         self._markers = 0  # flush markers in the queue: the writer must not linger
         self._lifecycle = 0  # run starts/ends in the queue: never dropped, not counted as records
-        self._fatal: BaseException | None = None
         self._writer: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -122,7 +113,7 @@ class ThreadedBackend(Backend):
 
     def after_fork_in_child(self) -> None:
         """The child starts empty: the parent's records are the parent's to deliver."""
-        self._init_state()
+        super().after_fork_in_child()
         self._kick_at = 0  # first submit in the child starts a fresh writer
 
     # -- the hot path ----------------------------------------------------------------------
@@ -134,10 +125,6 @@ class ThreadedBackend(Backend):
         buf.append(record)
         if len(buf) >= self._kick_at:
             self._kick()
-
-    def submit_many(self, records: Sequence[StreamItem]) -> None:
-        for r in records:
-            self.submit(r)
 
     def _kick(self) -> None:
         if self._kick_at == 0:
@@ -338,21 +325,7 @@ class ThreadedBackend(Backend):
         """Flush within ``timeout``, then stop the writer and the pipeline; unsent records are kept on disk."""
         if getattr(self, "pipeline", None) is None:
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        problem: DeliveryError | None = None
-        try:
-            try:
-                self.flush(timeout)
-            except DeliveryError as exc:
-                problem = exc
-        except BaseException:  # Ctrl-C / SIGTERM during the final flush: keep what is unsent, then unwind
-            self.pipeline.keep_unsent()  # stops retries and the writer's wait for a slow lane at once
-            self._stop_writer(0.5)
-            try:
-                self.pipeline.close(0, extra=self._take_left())
-            except DeliveryError as exc:
-                log.error("mlflow-er: interrupted while delivering: %s", exc)
-            raise
+        deadline, problem = flush_for_close(self.flush, timeout, self._close_interrupted)
         self._stop_writer(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic())))
         left = 0.0 if problem is not None else (None if deadline is None else max(0.0, deadline - time.monotonic()))
         try:
@@ -366,12 +339,18 @@ class ThreadedBackend(Backend):
         if problem is not None:
             raise problem
 
+    def _close_interrupted(self) -> None:
+        """Ctrl-C / SIGTERM during the final flush: keep what is unsent on disk at once (the caller unwinds)."""
+        self.pipeline.keep_unsent()  # stops retries and the writer's wait for a slow lane at once
+        self._stop_writer(0.5)
+        try:
+            self.pipeline.close(0, extra=self._take_left())
+        except DeliveryError as exc:
+            log.error("mlflow-er: interrupted while delivering: %s", exc)
+
     def _stop_writer(self, wait: float) -> None:
-        self._closing = True
-        self._wake.set()
         t = self._writer
-        if t is not None and t is not threading.current_thread():
-            t.join(wait)
+        self._stop_thread(t, wait)
         if t is None or not t.is_alive():
             self._writer = None
             with self._lock:

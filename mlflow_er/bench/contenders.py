@@ -105,6 +105,25 @@ def _stall(*_args: Any, **_kwargs: Any) -> None:
     threading.Event().wait()
 
 
+def scalar_step_logger(log_scalar: Callable[[str, float, int], Any],
+                       keys: tuple[str, ...]) -> Callable[[int, float], None]:
+    """The ``loop`` workload's step for a one-value-per-call API: ``log(step, value)`` calls
+    ``log_scalar(key, value', step)`` once for each of the five ``keys``.
+
+    Unrolled, with the keys bound once: the loop times this call, so it must cost only the
+    calls it makes.
+    """
+    k0, k1, k2, k3, k4 = keys
+
+    def step(i: int, v: float) -> None:
+        log_scalar(k0, v, i)
+        log_scalar(k1, v * 0.5, i)
+        log_scalar(k2, v * 0.25, i)
+        log_scalar(k3, v + 1.0, i)
+        log_scalar(k4, v - 1.0, i)
+    return step
+
+
 class Session:
     """One live run. ``metric(key, value, step)`` is the hot call, bound once for speed."""
 
@@ -148,16 +167,7 @@ class Session:
 
     def step_logger(self, keys: tuple[str, ...]) -> Callable[[int, float], None]:
         """A function ``log(step, value)`` logging one metric per key (the ``loop`` workload's step)."""
-        metric = self.metric
-        k0, k1, k2, k3, k4 = keys
-
-        def step(i: int, v: float) -> None:
-            metric(k0, v, i)
-            metric(k1, v * 0.5, i)
-            metric(k2, v * 0.25, i)
-            metric(k3, v + 1.0, i)
-            metric(k4, v - 1.0, i)
-        return step
+        return scalar_step_logger(self.metric, keys)
 
     run_id: str = ""
 

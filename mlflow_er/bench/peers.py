@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .contenders import scalar_step_logger
+
 WANDB = "wandb-offline"
 TENSORBOARDX = "tensorboardx"
 #: contender name -> (module to import, distribution for its version)
@@ -86,16 +88,7 @@ class TensorboardXSession(PeerSession):
         self.writer = writer
 
     def step_logger(self, keys: tuple[str, ...]) -> Callable[[int, float], None]:
-        add = self.writer.add_scalar
-        k0, k1, k2, k3, k4 = keys
-
-        def step(i: int, v: float) -> None:
-            add(k0, v, i)
-            add(k1, v * 0.5, i)
-            add(k2, v * 0.25, i)
-            add(k3, v + 1.0, i)
-            add(k4, v - 1.0, i)
-        return step
+        return scalar_step_logger(self.writer.add_scalar, keys)
 
     def flush(self, timeout: float | None = None) -> None:
         self.writer.flush()

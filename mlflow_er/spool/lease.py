@@ -47,18 +47,9 @@ class LeaseBusy(SyncError):
 def create_only(fs: Any, path: str, data: bytes) -> bool:
     """Create ``path`` holding ``data`` unless it exists; True if this call created it."""
     if is_local(fs):
-        from pathlib import Path
+        from .upload import write_private_temp
 
-        from .files import private_makedirs
-
-        private_makedirs(Path(path).parent)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        tmp = write_private_temp(path, data)  # fully written before it has the lease's name
         try:
             os.link(tmp, path)  # atomic, and fails if the name exists: readers never see half a lease
             return True

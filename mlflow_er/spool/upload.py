@@ -46,21 +46,32 @@ def _protocols(fs: Any) -> set[str]:
     return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
 
 
+def write_private_temp(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to a new temp file beside the local ``path`` and return the temp file's path.
+
+    The file is created exclusively, ``0600`` at most whatever the umask, and fsynced; missing
+    folders are made ``0700``. Its name (``.<name>.tmp-<hex>``) is one readers ignore, so the
+    caller can then publish it under ``path`` in one step (``os.replace``, or ``os.link`` to
+    create only).
+    """
+    from .files import private_makedirs
+
+    target = Path(path)
+    private_makedirs(target.parent)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return tmp
+
+
 def write_atomic(fs: Any, path: str, data: bytes) -> None:
     """Replace the small object ``path`` with ``data`` so a reader sees the old or the new content, never a mix."""
     if is_local(fs):
-        from .files import private_makedirs
-
-        target = Path(path)
-        private_makedirs(target.parent)
-        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
+        os.replace(write_private_temp(path, data), path)
         return
     fs.pipe_file(path, data)  # one PUT: atomic on object stores, in-process on memory://
 
