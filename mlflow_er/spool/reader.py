@@ -22,6 +22,7 @@ from .format import (
     OPEN_SUFFIX,
     SEALED_SUFFIX,
     SEGMENTS_DIR,
+    Damage,
     FormatError,
     Frame,
     Header,
@@ -65,8 +66,8 @@ class Position(NamedTuple):
 
     segment: str
     offset: int
-    count: int
-    index: int = -1
+    count: int  # type: ignore[assignment]  # a field, not tuple.count: the name is the spool's
+    index: int = -1  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -211,16 +212,16 @@ class SpoolReader:
             return
         ended = False
         for item in scan(data, offset0, h.framing, start.index if start is not None else -1):
-            is_frame = type(item) is Frame
-            if is_frame and is_end(item.payload):
-                ended = True
-                continue
-            if not is_frame:
+            if type(item) is not Frame:  # one type test per frame: this loop runs once per record
+                assert isinstance(item, Damage)
                 if item.torn and not seg.sealed:
                     self.open_tails[seg.name] = item.end - item.start
                     continue  # a live writer mid-append (or a crash not yet recovered): not damage yet
                 reason = "torn-tail" if item.torn else ("corrupt" if item.end > item.start else "missing-frames")
                 self._gap(seg, base + item.start, item.end - item.start, reason, warn=True, lost=item.lost)
+                continue
+            if is_end(item.payload):
+                ended = True
                 continue
             try:
                 record = decode_payload(item.payload)
