@@ -131,8 +131,8 @@ def _select(contenders: list[Contender], patterns: str | None) -> list[Contender
 #: Left out of ``--quick`` unless named with ``--contenders``: variants whose figures the quick
 #: run's smoke check does not need (the full bench runs them), and the peers (tensorboardX
 #: imports torch when it is installed: seconds per child).
-QUICK_LEAVES_OUT = ("mlflow-async", "mlflow-scheme-threaded", "er-sync/spool", "*/spool[*", "peer",
-                    "er-threaded/mlflow-orm")
+QUICK_LEAVES_OUT = ("mlflow-async", "mlflow-scheme-threaded", "mlflow-scheme-process", "er-sync/spool", "*/spool[*",
+                    "peer", "er-threaded/mlflow-orm")
 
 
 def _quick_keeps(c: Contender) -> bool:

@@ -23,6 +23,7 @@ MLFLOW_ASYNC_BUF = "mlflow-async-buf1s"
 RAW = "raw-log-batch"
 #: Unchanged fluent ``mlflow.log_*`` code through the ``threaded+`` tracking-URI scheme.
 MLFLOW_SCHEME = "mlflow-scheme-threaded"
+MLFLOW_SCHEME_PROCESS = "mlflow-scheme-process"
 #: The reference contenders ratios are computed against.
 BASELINES = (MLFLOW_SYNC, MLFLOW_ASYNC, MLFLOW_ASYNC_BUF)
 BUFFERING_ENV = "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"
@@ -69,6 +70,7 @@ def mlflow_contenders() -> list[Contender]:
         # MLflow's own per-call work (~100 µs and more) stays on the caller here, so it is
         # measured per call like the synchronous modes.
         Contender(MLFLOW_SCHEME, "mlflow", True, per_call=True, scheme="threaded"),
+        Contender(MLFLOW_SCHEME_PROCESS, "mlflow", True, per_call=True, scheme="process"),
     ]
 
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from .contenders import BUFFERING_ENV, MLFLOW_ASYNC, MLFLOW_ASYNC_BUF, MLFLOW_SCHEME, MLFLOW_SYNC, RAW
+from .contenders import (
+    BUFFERING_ENV,
+    MLFLOW_ASYNC,
+    MLFLOW_ASYNC_BUF,
+    MLFLOW_SCHEME,
+    MLFLOW_SCHEME_PROCESS,
+    MLFLOW_SYNC,
+    RAW,
+)
 
 _BACKEND_MEANING = {"sync": "inline, in the log call", "threaded": "from a writer thread in the training process",
                     "process": "from a spawned delivery process"}
@@ -20,6 +28,7 @@ def legend(names: list[str]) -> dict[str, str]:
         MLFLOW_ASYNC_BUF: f"MLflow async with {BUFFERING_ENV}=1 (it batches up to 1 s of calls)",
         RAW: "MlflowClient.log_batch of prebuilt entities, 1000 per request: the store's own limit",
         MLFLOW_SCHEME: "unchanged fluent mlflow.log_* code on the threaded+<uri> tracking URI (mlflow-er beneath)",
+        MLFLOW_SCHEME_PROCESS: "unchanged fluent mlflow.log_* code on the process+<uri> tracking URI",
         WANDB: "Weights & Biases offline: wandb.init(mode='offline'), one run.log of the 5 metrics per step",
         TENSORBOARDX: "tensorboardX SummaryWriter.add_scalar, one per metric",
     }
