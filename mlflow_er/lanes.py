@@ -23,7 +23,18 @@ from typing import Any
 
 from .delivery import Deliverer, DeliveryStats, RetryPolicy
 from .errors import FailedRecord
-from .records import Artifact, Metric, Param, RunEnd, RunStart, StreamItem, Tag, split_batches
+from .records import (
+    MAX_METRICS_PER_BATCH,
+    Artifact,
+    Metric,
+    Param,
+    RunEnd,
+    RunStart,
+    StreamItem,
+    Tag,
+    merge_metric_batches,
+    split_batches,
+)
 from .sinks.base import Sink, handles_artifacts, handles_runs
 from .staging import ArtifactStage
 
@@ -87,7 +98,11 @@ class Lane:
             self.inflight = len(recs)
             self.inflight_oldest = recs[0].timestamp if recs else None
             try:
-                for batch in split_batches(run_id, recs):
+                batches = split_batches(run_id, recs)
+                limit = getattr(self.sink, "max_metrics_per_write", MAX_METRICS_PER_BATCH)
+                if limit > MAX_METRICS_PER_BATCH and len(batches) > 1:
+                    batches = merge_metric_batches(batches, limit)
+                for batch in batches:
                     failed = self.deliverer.deliver(batch)
                     if failed:
                         self.report(failed)

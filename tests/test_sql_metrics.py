@@ -156,3 +156,32 @@ def test_fuzz_sqlite_tables_match(sqlite_pair: Pair, batches: list[list[tuple[st
         sqlite_pair.write(runs, batch)
     sqlite_pair.assert_same(runs)
     assert not any(math.isnan(r[1]) for t in sqlite_pair.tables(runs) for rows in t.values() for r in rows)
+
+
+def test_a_joined_batch_handed_back_goes_to_log_batch_within_its_limit(sqlite_pair: Pair,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lane joins metrics-only batches up to 10,000 for the fast path; one it hands back (a row
+    already stored) reaches MLflow's log_batch as batches of at most 1,000, and the tables still match."""
+    runs = sqlite_pair.new_runs()
+    first = [("loss", float(i), 1000 + i, i) for i in range(10)]
+    sqlite_pair.write(runs, first)
+    calls: list[int] = []
+    real = MlflowClient.log_batch
+
+    def log_batch(client_self: Any, run_id: str, metrics: Any = (), *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(metrics))
+        return real(client_self, run_id, metrics, *args, **kwargs)
+
+    joined = first + [("loss", float(i), 1000 + i, i) for i in range(10, 2500)]  # the first 10 are stored
+    fast_run, ref_run = runs
+    assert sqlite_pair.fast.max_metrics_per_write >= len(joined)
+    ms = [Metric(fast_run, k, v, ts, step, i) for i, (k, v, ts, step) in enumerate(joined)]
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    sqlite_pair.fast.write_batch(Batch(fast_run, metrics=ms))  # as the lane hands it: one joined batch
+    monkeypatch.undo()
+    assert calls == [1000, 1000, 500], "handed back whole to MLflow, in log_batch's limit"
+    for i in range(0, len(joined), 1000):  # the reference as its lane hands it: 1,000 at a time
+        part = joined[i:i + 1000]
+        sqlite_pair.ref.write_batch(Batch(ref_run, metrics=[Metric(ref_run, k, v, ts, step, j)
+                                                            for j, (k, v, ts, step) in enumerate(part)]))
+    sqlite_pair.assert_same(runs)

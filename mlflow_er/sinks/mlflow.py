@@ -30,10 +30,10 @@ from mlflow.exceptions import MlflowException
 
 from ..errors import SinkError
 from ..hookspecs import SinkContext, hookimpl
-from ..records import Artifact, Batch
+from ..records import MAX_METRICS_PER_BATCH, Artifact, Batch, split_batches
 from ..redact import redact, redact_uri
 from .base import Sink
-from .sql_metrics import SqlMetricWriter
+from .sql_metrics import SQL_METRICS_PER_WRITE, SqlMetricWriter
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,9 @@ class MlflowSink(Sink):
         self._repos: dict[str, Any] = {}  # run id -> its HTTP artifact repository (None: use MLflow's client)
         # MLflow's SQL store: metrics-only batches skip the ORM (see sql_metrics for why and when).
         self._sql = SqlMetricWriter.for_store(store) if self._host_creds is None else None
+        #: Metrics one write_batch may carry (the lane joins metrics-only batches up to it): the SQL
+        #: fast path takes 10,000 in one transaction; MLflow's log_batch takes 1,000.
+        self.max_metrics_per_write = SQL_METRICS_PER_WRITE if self._sql is not None else MAX_METRICS_PER_BATCH
 
     # -- batches -------------------------------------------------------------------------
     def write_batch(self, batch: Batch) -> None:
@@ -224,6 +227,14 @@ class MlflowSink(Sink):
         if self._sql is not None and not batch.params and not batch.tags and batch.metrics:
             if self._sql.write(batch.run_id, batch.metrics):
                 return
+            if len(batch.metrics) > MAX_METRICS_PER_BATCH:  # a joined batch handed back: log_batch's limit
+                for part in split_batches(batch.run_id, list(batch.metrics)):
+                    self._log_batch(part)
+                return
+        self._log_batch(batch)
+
+    def _log_batch(self, batch: Batch) -> None:
+        """One batch through MLflow's own ``log_batch`` (a local store), errors classified."""
         metrics = [MlflowMetric(m.key, m.value, m.timestamp, m.step) for m in batch.metrics]
         params = [MlflowParam(p.key, p.value) for p in batch.params]
         tags = [RunTag(t.key, t.value) for t in batch.tags]

@@ -37,7 +37,13 @@ ENV_SWITCH = "MLFLOW_ER_SQL_FAST_PATH"
 _COLUMNS = {"key", "value", "timestamp", "step", "is_nan", "run_uuid"}
 _MAX_FLOAT = 1.7976931348623157e308
 _ORDER = ("key", "value", "timestamp", "step", "is_nan", "run_uuid")  # a row tuple's fields
-_KEYS_PER_QUERY = 500  # as MLflow: bounds the bound parameters of one IN (...)
+_KEYS_PER_QUERY = 500
+# 6 bound values a row: a batch of 1,000 is one statement (6,000 values: SQLite >= 3.32 allows
+# 32,766, PostgreSQL 65,535); 150 rows stay under older SQLite's 999.
+_ROWS_PER_INSERT = 1000
+#: Metrics one fast-path write takes (one transaction).
+SQL_METRICS_PER_WRITE = 10_000
+_ROWS_PER_INSERT_OLD_SQLITE = 150  # as MLflow: bounds the bound parameters of one IN (...)
 
 
 def _sanitize(value: float) -> tuple[bool, float]:
@@ -62,9 +68,19 @@ class SqlMetricWriter:
         # SQLite has no row locks (the write lock is the whole file); elsewhere lock the rows of
         # latest_metrics this transaction compares against, as MLflow does.
         self.lock_rows = self.engine.dialect.name != "sqlite"
-        # The bulk insert goes to the driver's executemany with plain tuples: SQLAlchemy's per-row
-        # parameter processing was 40 % of what was left after leaving the ORM (py-spy).
-        self._insert_sql = self._driver_insert(self.engine.dialect, self.metrics.name, _ORDER)
+        # The bulk insert is one multi-row INSERT per up to _ROWS_PER_INSERT rows, with plain tuples:
+        # SQLAlchemy's per-row parameter processing was 40 % of what was left after leaving the ORM,
+        # and an executemany gives the interpreter lock up and takes it back once per row (pysqlite
+        # around each sqlite3_step) — under a busy training loop every take-back waits up to the
+        # 5 ms switch interval, so a 1,000-row batch took seconds and a window delivered nothing.
+        self._insert_head = self._driver_insert(self.engine.dialect, self.metrics.name, _ORDER)
+        self._insert_sql: dict[int, str] = {}
+        self._rows_per_insert = _ROWS_PER_INSERT
+        if self.engine.dialect.name == "sqlite":
+            import sqlite3
+
+            if sqlite3.sqlite_version_info < (3, 32):
+                self._rows_per_insert = _ROWS_PER_INSERT_OLD_SQLITE
         self.written = 0
         self.handed_back = 0
 
@@ -100,8 +116,11 @@ class SqlMetricWriter:
                                      .where(self.runs.c.run_uuid == run_id)).scalar()
                 if stage != "active":  # missing or deleted: MLflow's error, MLflow's words
                     raise _HandBack
-                if self._insert_sql is not None:
-                    conn.exec_driver_sql(self._insert_sql, rows)
+                if self._insert_head is not None:
+                    step = self._rows_per_insert
+                    for i in range(0, len(rows), step):
+                        chunk = rows[i:i + step]
+                        conn.exec_driver_sql(self._multi_insert(len(chunk)), tuple(v for r in chunk for v in r))
                 else:
                     conn.execute(self.metrics.insert(), [dict(zip(_ORDER, r, strict=True)) for r in rows])
                 self._update_latest(conn, run_id, best)
@@ -120,17 +139,24 @@ class SqlMetricWriter:
         return True
 
     @staticmethod
-    def _driver_insert(dialect: Any, table: str, columns: Sequence[str]) -> str | None:
-        """``INSERT INTO t (c, …) VALUES (?, …)`` quoted for the dialect (``key`` is reserved in MySQL).
-
-        ``None`` for a driver whose parameters are not positional: Core's insert serves it.
-        """
+    def _driver_insert(dialect: Any, table: str, columns: Sequence[str]) -> tuple[str, str] | None:
+        """``("INSERT INTO t (c, …) VALUES ", "(?, …)")`` quoted for the dialect (``key`` is reserved
+        in MySQL), or ``None`` for a driver whose parameters are not positional (Core's insert then)."""
         mark = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(dialect.paramstyle)
         if mark is None:
             return None
         quote = dialect.identifier_preparer.quote
-        return (f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in columns)}) "
-                f"VALUES ({', '.join(mark for _ in columns)})")
+        return (f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in columns)}) VALUES ",
+                f"({', '.join(mark for _ in columns)})")
+
+    def _multi_insert(self, n: int) -> str:
+        """The INSERT of ``n`` rows in one statement (cached per ``n``)."""
+        sql = self._insert_sql.get(n)
+        if sql is None:
+            assert self._insert_head is not None
+            head, row = self._insert_head
+            sql = self._insert_sql[n] = head + ", ".join([row] * n)
+        return sql
 
     @staticmethod
     def _rows(run_id: str, metrics: Sequence[Metric]) -> tuple[list[tuple], dict[str, tuple]]:
