@@ -102,6 +102,11 @@ class Pipeline:
         return [lane.sink for lane in self.lanes]
 
     # -- handing records in ----------------------------------------------------------------------
+    @property
+    def keep_dir(self) -> Any:
+        """Where unsent records are kept (now ``keeper.keep_dir``; this name kept for 0.2 callers)."""
+        return self.keeper.keep_dir
+
     def deliver_now(self, items: Sequence[StreamItem]) -> None:
         """Deliver ``items`` to every sink on this thread; raise :class:`DeliveryError` for what failed."""
         self._check_fork()
