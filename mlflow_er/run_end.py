@@ -133,7 +133,13 @@ def set_status(client: Any, uri: str, run_id: str, status: str, budget: float) -
 
     t = threading.Thread(target=terminate, name="mlflow-er-end-run", daemon=True)
     t.start()
-    t.join(budget)
+    try:
+        t.join(budget)
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM) while this status is in flight: let that request finish,
+        # bounded, so a status the caller sends next (KILLED) cannot be overtaken by it.
+        t.join(min(budget, 5.0))
+        raise
     if t.is_alive():
         log.error("mlflow-er: the tracking server did not confirm run %s as %s within %.0f s; it may show "
                   "RUNNING until the server answers", run_id, status, budget)
