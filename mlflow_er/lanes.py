@@ -99,7 +99,7 @@ class Lane:
             self.inflight_oldest = recs[0].timestamp if recs else None
             try:
                 batches = split_batches(run_id, recs)
-                limit = getattr(self.sink, "max_metrics_per_write", MAX_METRICS_PER_BATCH)
+                limit = self.sink.max_metrics_per_write
                 if limit > MAX_METRICS_PER_BATCH and len(batches) > 1:
                     batches = merge_metric_batches(batches, limit)
                 for batch in batches:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from types import TracebackType
 
-from ..records import Artifact, Batch
+from ..records import MAX_METRICS_PER_BATCH, Artifact, Batch
 
 
 class Sink:
@@ -43,6 +43,8 @@ class Sink:
     #: True for a sink whose writes survive a crash once :meth:`flush` returns (the spool):
     #: the pipeline writes it first, on the delivering thread, ahead of every other sink.
     durable: bool = False
+    #: The most metrics one ``write_batch`` may carry; the lane joins metrics-only batches up to it.
+    max_metrics_per_write: int = MAX_METRICS_PER_BATCH
 
     def start_run(self, run_id: str, *, run_name: str | None = None, parent_run_id: str | None = None,
                   description: str | None = None, tags: dict[str, str] | None = None) -> None:

@@ -24,7 +24,6 @@ value, is_nan)``, the latest value per key the greatest ``(step, timestamp, valu
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -35,7 +34,6 @@ log = logging.getLogger(__name__)
 
 ENV_SWITCH = "MLFLOW_ER_SQL_FAST_PATH"
 _COLUMNS = {"key", "value", "timestamp", "step", "is_nan", "run_uuid"}
-_MAX_FLOAT = 1.7976931348623157e308
 _ORDER = ("key", "value", "timestamp", "step", "is_nan", "run_uuid")  # a row tuple's fields
 _KEYS_PER_QUERY = 500
 # 6 bound values a row: a batch of 1,000 is one statement (6,000 values: SQLite >= 3.32 allows
@@ -46,15 +44,6 @@ SQL_METRICS_PER_WRITE = 10_000
 _ROWS_PER_INSERT_OLD_SQLITE = 150  # as MLflow: bounds the bound parameters of one IN (...)
 
 
-def _sanitize(value: float) -> tuple[bool, float]:
-    """MLflow's storage form of a metric value: (is_nan, value) — SQL has no NaN or inf."""
-    if math.isnan(value):
-        return True, 0.0
-    if math.isinf(value):
-        return False, _MAX_FLOAT if value > 0 else -_MAX_FLOAT
-    return False, value
-
-
 class SqlMetricWriter:
     """Writes metrics-only batches into a ``SqlAlchemyStore``'s tables in one Core transaction."""
 
@@ -62,6 +51,8 @@ class SqlMetricWriter:
         from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlRun
 
         self.engine = store.engine
+        # MLflow's own storage form of NaN/±inf (only non-finite values reach it).
+        self._sanitize = store.sanitize_metric_value
         self.metrics = SqlMetric.__table__
         self.latest = SqlLatestMetric.__table__
         self.runs = SqlRun.__table__
@@ -158,8 +149,7 @@ class SqlMetricWriter:
             sql = self._insert_sql[n] = head + ", ".join([row] * n)
         return sql
 
-    @staticmethod
-    def _rows(run_id: str, metrics: Sequence[Metric]) -> tuple[list[tuple], dict[str, tuple]]:
+    def _rows(self, run_id: str, metrics: Sequence[Metric]) -> tuple[list[tuple], dict[str, tuple]]:
         """Rows without repeats (MLflow's row identity) and, per key, the batch's latest point."""
         rows: list[tuple] = []
         seen: set[tuple] = set()
@@ -169,7 +159,7 @@ class SqlMetricWriter:
             if value - value == 0.0:  # finite: NaN and ±inf give NaN (one test instead of two calls)
                 is_nan = False
             else:
-                is_nan, value = _sanitize(float(value))
+                is_nan, value = self._sanitize(float(value))
             row = (key, value, ts, step, is_nan, run_id)  # _ORDER; also the row's identity
             if row in seen:
                 continue
